@@ -1,0 +1,1567 @@
+"""GSA fine-tuning of a pretrained generalist world model on one task (paper Sec. 3.3, Algorithm 1).
+
+Starting from pretrain_wm.py's world model, the agent learns one task online with DreamerV3 behaviour learning
+(reward head, actor-critic in imagination), plus GSA's two techniques:
+  * experience rehearsal (Eq. 4): the k offline episodes whose first frames are nearest to the task's reset
+    frames (retrieval.py's index) are replayed beside the online data: 25% of every batch;
+  * execution guidance: a behaviour-cloned prior pi_bc, trained on the retrieved episodes, drives the
+    warm-up episodes and, with a probability that decays linearly, a random window of later episodes.
+The whole world model (encoder, RSSM, decoder) is fine-tuned. Ablations are flags: --no-pretrain (DreamerV3
+from scratch), --no-rehearsal, --no-guidance, --guidance jsrl (the prior acts only at the episode start).
+
+Reads:  --checkpoint (pretrain_wm.py's wm.pt), --index-dir (retrieval.py build's index.faiss + index.json),
+        --data-dir (collect_offline.py's manifest.json + episode .npz files; only the retrieved ones are read).
+Writes: <out-dir>/args.json, metrics.jsonl (one line per evaluation), train.jsonl (training losses),
+        retrieval.json (D_r), tb/ (TensorBoard), videos/eval-<env_steps>.mp4, replay/ep-<n>.npz (online
+        episodes), ckpt.pt (everything needed by --resume).
+
+Example:
+    python finetune_gsa.py --task walker-run                      # runs/pretrain/wm.pt, runs/index, data/offline
+    python finetune_gsa.py --task mw-shelf-place --size xs --env-steps 30000 --seed 1
+    python finetune_gsa.py --task walker-run --no-pretrain        # DreamerV3 from scratch (no offline data)
+
+Choices worth knowing:
+  * No continuation head: DMControl and Meta-World episodes end only at their time limit, so imagined
+    trajectories use the constant discount (weights gamma^t).
+  * Actor gradients come from backpropagating the normalised lambda-return through the learned dynamics (as the
+    release does); the world model, reward head and critic get no update from the actor loss.
+  * Updates are due at train_ratio / (batch * seq_len) per agent step counted over the whole run, so the first
+    ones come in a burst right after the warm-up; then they follow every collected episode.
+  * --no-pretrain has no encoder to query the index with, hence no retrieval, rehearsal or guidance.
+  * --resume restores weights, optimisers, return normalisation, counters, RNG states and the online replay
+    (replay/*.npz), but a simulator's state cannot be saved: the resumed train env is rebuilt with seed
+    seed + 1000 * episodes, so episodes after a resume differ from those of an uninterrupted run.
+  * Sizes: the world-model part (SIZES) is pretrain_wm.py's; AGENT_SIZES holds the rest. paper = appendix J and
+    the release; s = DreamerV3 S (2-layer MLPs), the speed-benchmark size; xs = the CPU preset (batch 16 x 32,
+    train ratio 64, i.e. one update per 8 agent steps: ~3k updates in 50k frames, about 1 h at 2 threads;
+    warm-up 5 episodes; BC 2000 steps of a quarter-width CNN); tiny = tests.
+"""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco is imported
+
+import atexit
+import contextlib
+import copy
+import ctypes
+import hashlib
+import io
+import json
+import math
+import random
+import resource
+import sys
+import time
+import weakref
+from collections import Counter, deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import faiss
+import imageio
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+FORMAT_VERSION = 1  # of ckpt.pt; the world-model checkpoint read here must have pretrain_wm.py's version 1
+SCRIPT = "finetune_gsa.py"
+
+
+@dataclass
+class Args:
+    task: str = "walker-run"
+    """task: DMControl `domain-task` (22 tasks, e.g. walker-run) or Meta-World `mw-<name>` (50 tasks)"""
+    checkpoint: str = "runs/pretrain/wm.pt"
+    """pretrain_wm.py checkpoint to fine-tune (not read with --no-pretrain)"""
+    index_dir: str = "runs/index"
+    """retrieval.py index (index.faiss + index.json) built with --checkpoint's encoder"""
+    data_dir: str = "data/offline"
+    """offline data the index was built over (collect_offline.py's output); only retrieved episodes are read"""
+    out_dir: Optional[str] = None
+    """run directory; default runs/finetune/<task>-<variant>-s<seed> (variant: gsa, scratch, naive, ...)"""
+    seed: int = 0
+    """seed of torch, numpy, the train env (eval env: seed + 10000) and everything sampled"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    threads: Optional[int] = None
+    """torch CPU threads (default: torch's choice); set it when other processes share the cores"""
+    resume: bool = False
+    """continue the run in --out-dir from its ckpt.pt (required to reuse an existing run directory)"""
+    size: Optional[Literal["tiny", "xs", "s", "paper"]] = None
+    """preset (SIZES + AGENT_SIZES); default: the checkpoint's own size (xs with --no-pretrain). The world
+    model part must equal the checkpoint's model_config"""
+    env_steps: int = 150_000
+    """environment frames to collect (after action repeat, like the paper's 150k samples)"""
+    no_pretrain: bool = False
+    """DreamerV3 from scratch: a fresh world model, so no checkpoint, no retrieval, no rehearsal, no guidance"""
+    no_rehearsal: bool = False
+    """train on online data only (no D_r sequences in the batches)"""
+    no_guidance: bool = False
+    """no prior pi_bc: random warm-up actions and the RL policy acts everywhere"""
+    guidance: Literal["window", "jsrl"] = "window"
+    """window: pi_bc acts on a random window of a guided episode (GSA); jsrl: the window starts at step 0"""
+    guidance_schedule: Literal["paper", "release"] = "paper"
+    """paper: p = 1 -> 0 over 50k frames (DMC) / 150k (Meta-World); release: 1 -> 0.1 over 200k frames"""
+    guidance_start: Optional[float] = None
+    """override the schedule's initial guidance probability"""
+    guidance_end: Optional[float] = None
+    """override the schedule's final guidance probability"""
+    guidance_frames: Optional[int] = None
+    """override the schedule's length in env frames"""
+    offline_ratio: float = 0.25
+    """fraction of every batch drawn from the retrieved episodes D_r (experience rehearsal)"""
+    k: int = 500
+    """number of offline episodes to retrieve (Eq. 4)"""
+    query_resets: int = 5
+    """env resets whose first frames form the retrieval query"""
+    batch_size: Optional[int] = None
+    """sequences per batch (default: the size preset)"""
+    seq_len: Optional[int] = None
+    """sequence length (default: the size preset)"""
+    horizon: Optional[int] = None
+    """imagination horizon (default: the size preset; paper 16)"""
+    train_ratio: Optional[float] = None
+    """replayed steps per agent step; updates per agent step = train_ratio / (batch_size * seq_len)"""
+    warmup_frames: Optional[int] = None
+    """env frames collected before training, whole episodes by pi_bc (random without guidance); default: preset"""
+    bc_steps: Optional[int] = None
+    """behaviour-cloning steps of the prior (default: preset; paper 150k)"""
+    eval_every: Optional[int] = None
+    """evaluate every this many env frames (default: preset)"""
+    eval_episodes: Optional[int] = None
+    """episodes per evaluation (default: preset)"""
+    video: bool = True
+    """save an mp4 of the first episode of every evaluation"""
+    checkpoint_every: int = 10_000
+    """save ckpt.pt at least every this many env frames (also after every evaluation and at the end)"""
+    max_episode_steps: Optional[int] = None
+    """cut episodes after this many agent steps (debugging and tests; default: the task's 500 / 100)"""
+    discount: float = 0.99
+    """discount gamma of the lambda-returns (Eq. 2)"""
+    return_lambda: float = 0.95
+    """lambda of the lambda-returns (Eq. 2)"""
+    entropy_scale: float = 1e-4
+    """actor entropy regulariser eta (Eq. 3)"""
+    actor_lr: float = 8e-5
+    """actor Adam learning rate"""
+    critic_lr: float = 8e-5
+    """critic Adam learning rate"""
+    wm_lr: float = 1e-4
+    """world model (+ reward head) Adam learning rate, as in pre-training"""
+    bc_lr: float = 1e-4
+    """behaviour-cloning Adam learning rate"""
+
+
+# ==== environments (tasks of DESIGN §2 / TASKS.md) ====
+from gsa_tasks import DMC_TASKS, MW_TASKS, TASK_NAMES, action_dim_of, embodiment_of, make_env  # noqa: E402,F401
+# ==== end environments ====
+
+
+# ==== shared retrieval function: an identical copy lives in finetune_gsa.py ====
+def retrieve(index, meta: dict, query_features: np.ndarray, k: int, action_dim: Optional[int] = None):
+    """Eq. 4: the k offline episodes whose first-frame features are nearest to the query features.
+
+    index: a Faiss index over the first-frame features (row i = meta["rows"][i]); query_features: float
+    [Q, E] (encoder features of the task's reset frames). The score of an episode is its smallest squared
+    L2 distance to any query feature (Faiss reports squared L2). With `action_dim`, only rows whose
+    "action_dim" equals it are eligible. Returns [(row dict, score)], best first (ties: lower row first),
+    at most k entries. Exact for a flat index; an IVF index searches only the clusters it probes.
+    """
+    rows = meta["rows"]
+    n = int(index.ntotal)
+    if n != len(rows):
+        raise ValueError(f"index has {n} vectors but its sidecar lists {len(rows)} rows")
+    queries = np.ascontiguousarray(np.asarray(query_features, dtype=np.float32))
+    if queries.ndim == 1:
+        queries = queries[None]
+    if queries.ndim != 2 or queries.shape[0] == 0 or queries.shape[1] != index.d:
+        raise ValueError(f"query features must be [Q, {index.d}], got {list(queries.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    params, want = None, min(k, n)
+    if action_dim is not None:  # search only the rows of this action dim (DESIGN §5)
+        eligible = np.flatnonzero([row["action_dim"] == action_dim for row in rows]).astype(np.int64)
+        want = min(k, len(eligible))
+        selector = faiss.IDSelectorBatch(eligible)  # referenced until the search is done
+        ivf = faiss.try_extract_index_ivf(index)
+        params = (faiss.SearchParameters(sel=selector) if ivf is None
+                  else faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe))
+    if want == 0:
+        return []
+    # The best `want` episodes by min-over-queries are all among each query's own `want` nearest rows.
+    dist, ids = index.search(queries, want, params=params)  # [Q, want], nearest first; id -1: none found
+    keep = ids >= 0
+    ids, dist = ids[keep], dist[keep]
+    order = np.lexsort((ids, dist))  # by distance, then row
+    ids, dist = ids[order], dist[order]
+    _, first = np.unique(ids, return_index=True)  # each row's first (= smallest) distance
+    first = np.sort(first)[:want]
+    return [(dict(rows[i]), float(d)) for i, d in zip(ids[first].tolist(), dist[first].tolist())]
+# ==== end shared retrieval function ====
+
+
+# ==== shared model classes: identical copies live in finetune_gsa.py (and ModelConfig/Encoder in retrieval.py); tests keep them in sync ====
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the world model; saved in every checkpoint as `model_config`."""
+
+    image_size: int = 64
+    """height = width of the square RGB frames"""
+    cnn_depth: int = 32
+    """d: encoder channels [d, 2d, 4d, 8d], decoder the reverse"""
+    deter: int = 512
+    """size of the deterministic (GRU) state h"""
+    hidden: int = 512
+    """width of the RSSM's MLP layers (img_in, img_out, obs_out)"""
+    stoch: int = 32
+    """number of categorical latent variables in z"""
+    classes: int = 32
+    """classes per categorical latent"""
+    blocks: int = 1
+    """blocks of the block-diagonal GRU (DreamerV3 uses 8 at large sizes); 1 = dense GRU"""
+    act_dim: int = 12
+    """actions are zero-padded to this many dims (largest embodiment, quadruped)"""
+    unimix: float = 0.01
+    """uniform mix in every categorical (DreamerV3: 1%)"""
+
+
+def _trunc_normal_init(module: nn.Module) -> None:
+    """DreamerV3's default initialiser: truncated normal with variance 1 / fan_avg, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, BlockLinear)):
+            w = m.weight
+            if isinstance(m, BlockLinear):
+                fan_in, fan_out = w.shape[1], w.shape[2]
+            elif isinstance(m, nn.Linear):
+                fan_in, fan_out = w.shape[1], w.shape[0]
+            else:  # conv: [out, in, k, k] (transposed conv: [in, out, k, k])
+                k = w.shape[2] * w.shape[3]
+                fan_in, fan_out = w.shape[1] * k, w.shape[0] * k
+            std = math.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566103423978
+            if w.device.type != "meta":
+                nn.init.trunc_normal_(w, 0.0, std, -2.0 * std, 2.0 * std)
+            if m.bias is not None and m.bias.device.type != "meta":
+                nn.init.zeros_(m.bias)
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear layer: `blocks` independent [in/blocks -> out/blocks] maps (DreamerV3 GRU)."""
+
+    def __init__(self, in_features: int, out_features: int, blocks: int, bias: bool = True):
+        super().__init__()
+        assert in_features % blocks == 0 and out_features % blocks == 0, (in_features, out_features, blocks)
+        self.blocks, self.in_features, self.out_features = blocks, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(blocks, in_features // blocks, out_features // blocks))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if self.blocks == 1:
+            y = x @ self.weight[0]
+        else:  # [N, g, i] -> [g, N, i] @ [g, i, o] -> [N, g*o]
+            x = x.view(-1, self.blocks, self.in_features // self.blocks).transpose(0, 1)
+            y = torch.bmm(x, self.weight).transpose(0, 1).reshape(-1, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channel dim of an NCHW tensor (DreamerV3 normalises channels per pixel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Encoder(nn.Module):
+    """4 stride-2 convs (kernel 4), channels [d, 2d, 4d, 8d], channel LayerNorm + SiLU, flattened."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.cnn_depth
+        chans = [3, d, 2 * d, 4 * d, 8 * d]
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 4, 2, 1, bias=False) for i in range(4))
+        self.norms = nn.ModuleList(ChannelNorm(chans[i + 1], eps=1e-3) for i in range(4))
+        self.out_dim = 8 * d * (cfg.image_size // 16) ** 2
+        _trunc_normal_init(self)
+        self.to(memory_format=torch.channels_last)  # NHWC convs: ~25% faster on CPU (oneDNN), fine on GPU
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image uint8 [..., H, W, 3] -> embed [..., out_dim]."""
+        lead = image.shape[:-3]
+        x = image.reshape(-1, *image.shape[-3:]).float() / 255.0 - 0.5
+        x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory, i.e. channels_last: no copy
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.silu(norm(conv(x)))
+        return x.reshape(*lead, self.out_dim)
+
+
+class Decoder(nn.Module):
+    """(h, z) -> 4x4x8d (h through a block-diagonal map, z through a dense one) -> transposed convs -> image."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, self.res = cfg.cnn_depth, cfg.image_size // 16
+        self.deter, self.chan0 = cfg.deter, 8 * d
+        self.space_deter = BlockLinear(cfg.deter, 8 * d * self.res**2, cfg.blocks, bias=False)
+        self.space_stoch = nn.Linear(cfg.stoch * cfg.classes, 8 * d * self.res**2, bias=False)
+        self.space_norm = ChannelNorm(8 * d, eps=1e-3)
+        chans = [8 * d, 4 * d, 2 * d, d, 3]
+        self.deconvs = nn.ModuleList(
+            nn.ConvTranspose2d(chans[i], chans[i + 1], 4, 2, 1, bias=(i == 3)) for i in range(4))
+        self.norms = nn.ModuleList(ChannelNorm(chans[i + 1], eps=1e-3) for i in range(3))
+        _trunc_normal_init(self)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """feat [..., deter + stoch*classes] -> image mean [..., H, W, 3] in the scale image/255 - 0.5."""
+        lead = feat.shape[:-1]
+        feat = feat.reshape(-1, feat.shape[-1])
+        x = self.space_deter(feat[:, : self.deter]) + self.space_stoch(feat[:, self.deter :])
+        x = x.view(-1, self.chan0, self.res, self.res).contiguous(memory_format=torch.channels_last)
+        x = F.silu(self.space_norm(x))
+        for i, deconv in enumerate(self.deconvs):
+            x = deconv(x)
+            if i < 3:
+                x = F.silu(self.norms[i](x))
+        x = x.permute(0, 2, 3, 1)
+        return x.reshape(*lead, *x.shape[1:])
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model (DreamerV3). State: h (deter) and z (stoch, one-hot [S, C]) + logits.
+
+    Sequence model h_t = f(h_{t-1}, z_{t-1}, a_t) (block GRU); prior p(z_t | h_t); posterior q(z_t | h_t, e_t).
+    Action convention: a_t led to image t; where is_first, state and action are zeroed.
+    """
+
+    def __init__(self, cfg: ModelConfig, embed_dim: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        D, H, S, C, g = cfg.deter, cfg.hidden, cfg.stoch, cfg.classes, cfg.blocks
+        embed_dim = 8 * cfg.cnn_depth * (cfg.image_size // 16) ** 2 if embed_dim is None else embed_dim
+        assert D % g == 0, "deter must be divisible by blocks"
+        # Sequence model inputs, each Linear + LayerNorm + SiLU (img_in).
+        self.img_in_deter = nn.Linear(D, H, bias=False)
+        self.img_in_stoch = nn.Linear(S * C, H, bias=False)
+        self.img_in_action = nn.Linear(cfg.act_dim, H, bias=False)
+        self.img_in_norms = nn.ModuleList(nn.LayerNorm(H, eps=1e-3) for _ in range(3))
+        # Block GRU: every block sees its slice of h and all inputs; one hidden layer then the gates.
+        self.gru_hidden = BlockLinear(g * (D // g + 3 * H), D, g, bias=False)
+        self.gru_hidden_norm = nn.LayerNorm(D, eps=1e-3)
+        self.gru_gates = BlockLinear(D, 3 * D, g, bias=False)
+        self.gru_gates_norm = nn.LayerNorm(3 * D, eps=1e-3)
+        # Prior p(z | h) (img_out) and posterior q(z | h, e) (obs_out, split so e's part is batched over T).
+        self.img_out = nn.Linear(D, H, bias=False)
+        self.img_out_norm = nn.LayerNorm(H, eps=1e-3)
+        self.img_logits = nn.Linear(H, S * C)
+        self.obs_out_deter = nn.Linear(D, H, bias=False)
+        self.obs_out_embed = nn.Linear(embed_dim, H, bias=False)
+        self.obs_out_norm = nn.LayerNorm(H, eps=1e-3)
+        self.obs_logits = nn.Linear(H, S * C)
+        _trunc_normal_init(self)
+
+    # -- state helpers -------------------------------------------------------------------------------------
+    def initial(self, batch_size: int) -> dict:
+        cfg, p = self.cfg, self.img_logits.weight
+        zeros = lambda *s: torch.zeros(batch_size, *s, device=p.device, dtype=torch.float32)  # noqa: E731
+        return {"deter": zeros(cfg.deter), "stoch": zeros(cfg.stoch, cfg.classes),
+                "logits": zeros(cfg.stoch, cfg.classes)}
+
+    def get_feat(self, state: dict) -> torch.Tensor:
+        stoch = state["stoch"]
+        return torch.cat([state["deter"], stoch.reshape(*stoch.shape[:-2], -1)], -1)
+
+    def _logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw [..., S*C] -> log-probs [..., S, C] of the categoricals mixed with 1% uniform (DreamerV3)."""
+        raw = raw.float().reshape(*raw.shape[:-1], self.cfg.stoch, self.cfg.classes)
+        probs = torch.softmax(raw, -1)
+        if self.cfg.unimix > 0:
+            probs = (1.0 - self.cfg.unimix) * probs + self.cfg.unimix / self.cfg.classes
+        return torch.log(probs)
+
+    @staticmethod
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        """One-hot sample with straight-through gradients (forward: one-hot; backward: d/dprobs)."""
+        probs = logits.exp()
+        u = torch.rand_like(logits).clamp_(1e-20, 1.0)
+        index = (logits - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max = a categorical sample
+        onehot = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
+        return onehot + probs - probs.detach()
+
+    # -- transitions -----------------------------------------------------------------------------------
+    def _core(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor) -> torch.Tensor:
+        """h_t = f(h_{t-1}, z_{t-1}, a_t); action_in is img_in_action's output (precomputable over T)."""
+        g, D = self.cfg.blocks, self.cfg.deter
+        x0 = F.silu(self.img_in_norms[0](self.img_in_deter(deter)))
+        x1 = F.silu(self.img_in_norms[1](self.img_in_stoch(stoch.reshape(stoch.shape[0], -1))))
+        x = torch.cat([x0, x1, action_in], -1)
+        if g == 1:
+            x = torch.cat([deter, x], -1)
+        else:
+            x = x.unsqueeze(1).expand(-1, g, -1)
+            x = torch.cat([deter.view(-1, g, D // g), x], -1).reshape(deter.shape[0], -1)
+        x = F.silu(self.gru_hidden_norm(self.gru_hidden(x)))
+        x = self.gru_gates_norm(self.gru_gates(x))
+        x = x.view(-1, g, 3, D // g)  # per block: [reset | candidate | update]
+        reset, cand, update = (x[:, :, i].reshape(-1, D) for i in range(3))
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1.0)
+        return update * cand + (1.0 - update) * deter
+
+    def _action_in(self, action: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.img_in_norms[2](self.img_in_action(action)))
+
+    def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
+        """Dynamics predictor p(z_t | h_t): log-probs [..., S, C]."""
+        return self._logits(self.img_logits(F.silu(self.img_out_norm(self.img_out(deter)))))
+
+    def img_step(self, prev_state: dict, prev_action: torch.Tensor) -> dict:
+        deter = self._core(prev_state["deter"], prev_state["stoch"], self._action_in(prev_action))
+        logits = self.prior_logits(deter)
+        return {"deter": deter, "stoch": self.sample(logits), "logits": logits}
+
+    @staticmethod
+    def _reset(state: dict, action: torch.Tensor, is_first: torch.Tensor):
+        keep = (~is_first.bool()).to(action.dtype).unsqueeze(-1)
+        state = {"deter": state["deter"] * keep, "stoch": state["stoch"] * keep.unsqueeze(-1),
+                 "logits": state["logits"] * keep.unsqueeze(-1)}
+        return state, action * keep
+
+    def _post(self, deter: torch.Tensor, embed_proj: torch.Tensor) -> dict:
+        x = F.silu(self.obs_out_norm(self.obs_out_deter(deter) + embed_proj))
+        logits = self._logits(self.obs_logits(x))
+        return {"deter": deter, "stoch": self.sample(logits), "logits": logits}
+
+    def obs_step(self, prev_state: dict, prev_action: torch.Tensor, embed: torch.Tensor,
+                 is_first: torch.Tensor):
+        """One filtering step -> (posterior, prior) for time t (prev_action = a_t, embed = e_t)."""
+        prev_state, prev_action = self._reset(prev_state, prev_action, is_first)
+        prior = self.img_step(prev_state, prev_action)
+        post = self._post(prior["deter"], self.obs_out_embed(embed))
+        return post, prior
+
+    def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
+                state: dict | None = None):
+        """Filter a batch of sequences: embed [B, T, E], action [B, T, A], is_first [B, T] -> (post, prior)."""
+        B, T = embed.shape[:2]
+        state = self.initial(B) if state is None else state
+        keep = (~is_first.bool()).to(embed.dtype)
+        # Everything that does not depend on the recurrent state is batched over T (one big matmul each).
+        action_in = self._action_in(action * keep.unsqueeze(-1))
+        embed_proj = self.obs_out_embed(embed)
+        posts = []
+        for t in range(T):
+            k = keep[:, t, None]
+            deter = self._core(state["deter"] * k, state["stoch"] * k.unsqueeze(-1), action_in[:, t])
+            state = self._post(deter, embed_proj[:, t])
+            posts.append(state)
+        post = {key: torch.stack([p[key] for p in posts], 1) for key in posts[0]}
+        prior_logits = self.prior_logits(post["deter"])  # the prior shares h_t with the posterior
+        prior = {"deter": post["deter"], "stoch": self.sample(prior_logits), "logits": prior_logits}
+        return post, prior
+
+    def imagine(self, policy_fn, start_state: dict, horizon: int) -> dict:
+        """Roll the prior forward from start_state ([N, ...]) with actions policy_fn(feat) -> [H+1, N, ...]."""
+        states = [start_state]
+        for _ in range(horizon):
+            action = policy_fn(self.get_feat(states[-1]))
+            states.append(self.img_step(states[-1], action))
+        return {key: torch.stack([s[key] for s in states], 0) for key in ("deter", "stoch", "logits")}
+
+    @staticmethod
+    def kl_loss(post: dict, prior: dict, free: float = 1.0, dyn_scale: float = 1.0, rep_scale: float = 0.1):
+        """Balanced KL with free bits (DreamerV3):
+        dyn_scale * max(free, KL[sg(q) || p]) + rep_scale * max(free, KL[q || sg(p)]), KL summed over latents.
+        Returns (loss [B, T], dyn_kl [B, T], rep_kl [B, T])."""
+        def kl(lq, lp):
+            lq, lp = torch.log_softmax(lq.float(), -1), torch.log_softmax(lp.float(), -1)
+            return (lq.exp() * (lq - lp)).sum((-2, -1))
+
+        dyn = kl(post["logits"].detach(), prior["logits"])
+        rep = kl(post["logits"], prior["logits"].detach())
+        loss = dyn_scale * torch.clamp(dyn, min=free) + rep_scale * torch.clamp(rep, min=free)
+        return loss, dyn, rep
+
+
+class WorldModel(nn.Module):
+    """Encoder + RSSM + decoder. No reward, continuation, task or embodiment heads in pre-training."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.rssm = RSSM(cfg, self.encoder.out_dim)
+        self.decoder = Decoder(cfg)
+
+    def loss(self, image: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor, dyn_scale: float = 1.0,
+             rep_scale: float = 0.1, free: float = 1.0):
+        """Eq. 1 without the task terms: image reconstruction (squared error summed over pixels) plus the
+        balanced KL with free bits, averaged over batch and time (as DreamerV3's implementation does).
+        image uint8 [B, T, H, W, 3], action [B, T, act_dim] (zero-padded), is_first bool [B, T].
+        Returns (loss scalar, metrics dict of detached scalar tensors, posterior states)."""
+        embed = self.encoder(image)
+        post, prior = self.rssm.observe(embed, action, is_first)
+        recon = self.decoder(self.rssm.get_feat(post))
+        target = image.float() / 255.0 - 0.5
+        recon_loss = (recon.float() - target).square().sum((-3, -2, -1))  # [B, T]
+        kl, dyn, rep = self.rssm.kl_loss(post, prior, free, dyn_scale, rep_scale)
+        loss = (recon_loss + kl).mean()
+        with torch.no_grad():
+            ent = lambda lg: -(lg.exp() * lg).sum((-2, -1)).mean()  # noqa: E731
+            metrics = {"loss": loss.detach(), "recon_loss": recon_loss.mean().detach(),
+                       "image_mse": recon_loss.mean().detach() / target[0, 0].numel(),
+                       "kl_dyn": dyn.mean().detach(), "kl_rep": rep.mean().detach(),
+                       "post_ent": ent(post["logits"].detach()), "prior_ent": ent(prior["logits"].detach())}
+        return loss, metrics, post
+# ==== end shared model classes ====
+
+
+# World-model part of the named sizes: verbatim copy of pretrain_wm.py's table (tested). Its batch_size and
+# seq_len are pre-training's; fine-tuning's batch shape is in AGENT_SIZES.
+SIZES = {
+    "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, blocks=2, batch_size=4, seq_len=8),
+    "xs": dict(cnn_depth=16, deter=256, hidden=256, stoch=16, classes=16, blocks=1, batch_size=8, seq_len=32),
+    "s": dict(cnn_depth=32, deter=512, hidden=512, stoch=32, classes=32, blocks=1, batch_size=16, seq_len=64),
+    "paper": dict(cnn_depth=96, deter=12288, hidden=1536, stoch=32, classes=96, blocks=8, batch_size=32,
+                  seq_len=64),
+}
+
+# Fine-tuning part of the sizes. `paper` follows the paper's appendix and the release (MLPs 3 x 512, batch
+# 16 x 64, horizon 16, train ratio 256, BC 150k steps of batch 256, warm-up 15k frames). `s` is DreamerV3's
+# S size (2-layer MLPs of 512), the speed-benchmark size. `xs` is the CPU preset: shorter sequences, a quarter
+# of the replay ratio, BC with a quarter-width CNN, warm-up of 5 episodes. `tiny` runs a whole fine-tune in seconds.
+AGENT_SIZES = {
+    "tiny": dict(units=32, layers=1, batch_size=4, seq_len=8, horizon=4, train_ratio=16, bc_depth=4, bc_units=32,
+                 bc_steps=4, bc_batch=8, warmup_frames=0, warmup_episodes=1, eval_every=80, eval_episodes=1),
+    "xs": dict(units=256, layers=2, batch_size=16, seq_len=32, horizon=16, train_ratio=64, bc_depth=8,
+               bc_units=256, bc_steps=2000, bc_batch=64, warmup_frames=5000, warmup_episodes=5,
+               eval_every=5000, eval_episodes=5),
+    "s": dict(units=512, layers=2, batch_size=16, seq_len=64, horizon=16, train_ratio=256, bc_depth=32,
+              bc_units=1024, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
+              eval_every=10_000, eval_episodes=10),
+    "paper": dict(units=512, layers=3, batch_size=16, seq_len=64, horizon=16, train_ratio=256, bc_depth=32,
+                  bc_units=1024, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
+                  eval_every=10_000, eval_episodes=10),
+}
+MAX_ACTION_DIM = 12
+ACTION_REPEAT = 2
+BC_FRAMES = 3  # stacked frames seen by the prior (release)
+
+
+def fail(message: str):
+    raise SystemExit(f"{SCRIPT}: error: {message}")
+
+
+def keep_freed_memory() -> bool:
+    """glibc only: serve large tensors from the heap and never give freed memory back. By default each large
+    allocation is a fresh mmap whose pages fault in zeroed on first touch; an update allocates gigabytes of
+    activations, and this setting makes it ~10% cheaper on CPU. Returns whether it took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: hashing, atomic writes, offline episodes
+# ----------------------------------------------------------------------------------------------------------
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, fsync, rename: readers never see a partial file."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def pad_actions(action: np.ndarray) -> np.ndarray:
+    """[T, A] -> [T, 12] zero-padded (the world model's shared action space)."""
+    out = np.zeros((action.shape[0], MAX_ACTION_DIM), np.float32)
+    out[:, : action.shape[1]] = action
+    return out
+
+
+def load_offline_episode(data_dir: Path, row: dict, expected_sha: str) -> dict:
+    """One retrieved episode in replay format (reward zeros: the offline data has none), sha256-checked."""
+    path = data_dir / row["path"]
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        fail(f"cannot read retrieved episode {path}: {e}")
+    if sha256_bytes(raw) != expected_sha:
+        fail(f"episode file {path} is corrupt: its sha256 differs from {data_dir / 'manifest.json'}")
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        if "image" not in z.files or "action" not in z.files:
+            fail(f"episode file {path} lacks 'image' or 'action' (keys: {z.files})")
+        image, action = z["image"], z["action"].astype(np.float32)
+        is_first = z["is_first"].astype(bool) if "is_first" in z.files else np.arange(len(image)) == 0
+    if (image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8 or action.ndim != 2
+            or len(action) != len(image) or action.shape[1] != row.get("action_dim", action.shape[1])
+            or action.shape[1] > MAX_ACTION_DIM):
+        fail(f"episode file {path} has unexpected shapes: image {image.shape} {image.dtype}, action {action.shape} "
+             f"(index says action dim {row.get('action_dim')})")
+    return {"image": image, "action": pad_actions(action), "reward": np.zeros(len(image), np.float32),
+            "is_first": is_first}
+
+
+class SequenceReplay:
+    """Episodes in memory; samples uniform random windows of seq_len steps (every valid start equally likely)."""
+
+    def __init__(self):
+        self.episodes: list[dict] = []
+        self.steps = 0  # agent steps stored (rows minus the first row of every episode)
+
+    def add(self, episode: dict) -> None:
+        n = len(episode["image"])
+        assert episode["image"].ndim == 4 and episode["image"].dtype == np.uint8, episode["image"].shape
+        assert episode["action"].shape == (n, MAX_ACTION_DIM) and episode["reward"].shape == (n,)
+        self.episodes.append(episode)
+        self.steps += n - 1
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def sample(self, rng: np.random.Generator, batch: int, seq_len: int) -> dict:
+        lengths = np.array([len(e["image"]) for e in self.episodes])
+        starts = np.maximum(lengths - seq_len + 1, 0)
+        if starts.sum() == 0:
+            raise ValueError(f"no episode has {seq_len} steps")
+        cum = np.cumsum(starts)
+        flat = rng.integers(0, cum[-1], size=batch)
+        eps = np.searchsorted(cum, flat, side="right")
+        offs = flat - (cum[eps] - starts[eps])
+        return {key: np.stack([self.episodes[e][key][o:o + seq_len] for e, o in zip(eps, offs)])
+                for key in ("image", "action", "reward", "is_first")}
+
+
+def replay_path(out_dir: Path, index: int) -> Path:
+    return out_dir / "replay" / f"ep-{index:06d}.npz"
+
+
+def save_episode(path: Path, episode: dict) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **episode)
+    write_atomic(path, buf.getvalue())
+
+
+def load_episode(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {key: z[key] for key in ("image", "action", "reward", "is_first")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Execution guidance (Sec. 3.3): schedule and window
+# ----------------------------------------------------------------------------------------------------------
+
+def guidance_schedule(args: Args, is_metaworld: bool) -> tuple[float, float, int]:
+    """(start p, end p, length in env frames) of the linear guidance schedule."""
+    if args.guidance_schedule == "paper":  # appendix J: linear(1, 0, 50k) DMC, linear(1, 0, 150k) Meta-World
+        start, end, frames = 1.0, 0.0, 150_000 if is_metaworld else 50_000
+    else:  # release: 1 -> 0.1 over 100k agent steps = 200k env frames at action repeat 2
+        start, end, frames = 1.0, 0.1, 100_000 * ACTION_REPEAT
+    start = start if args.guidance_start is None else args.guidance_start
+    end = end if args.guidance_end is None else args.guidance_end
+    frames = frames if args.guidance_frames is None else args.guidance_frames
+    return start, end, frames
+
+
+def guidance_probability(env_frames: int, start: float, end: float, frames: int) -> float:
+    """Linear schedule: start at 0 frames, end from `frames` on."""
+    frac = 1.0 if frames <= 0 else min(max(env_frames / frames, 0.0), 1.0)
+    return start + frac * (end - start)
+
+
+def guidance_window(length: int, rng: np.random.Generator, mode: str = "window") -> tuple[int, int]:
+    """(first step, number of steps) of pi_bc's window in an episode of `length` agent steps: the number of
+    steps is a random multiple (1..10) of length / 10; it starts uniformly in [0, length - steps], or at 0
+    for the JSRL-style variant."""
+    steps = int(round(int(rng.integers(1, 11)) * length / 10))
+    steps = min(max(steps, 1), length)
+    first = 0 if mode == "jsrl" else int(rng.integers(0, length - steps + 1))
+    return first, steps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DreamerV3 pieces: symlog, two-hot, lambda-returns, return normalisation, truncated normal
+# ----------------------------------------------------------------------------------------------------------
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+def twohot_bins(device=None) -> torch.Tensor:
+    """255 bins evenly spaced in symlog space over [-20, 20] (DreamerV3)."""
+    return torch.linspace(-20.0, 20.0, 255, device=device)
+
+
+def twohot_encode(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """y [...] (already symlog'ed) -> weights [..., K] on the two nearest bins, linear interpolation."""
+    y = y.clamp(bins[0], bins[-1])
+    below = (torch.bucketize(y, bins, right=True) - 1).clamp(0, len(bins) - 1)
+    above = (below + 1).clamp(max=len(bins) - 1)
+    gap = bins[above] - bins[below]
+    w_above = torch.where(above > below, (y - bins[below]) / gap.clamp(min=1e-8), torch.zeros_like(y))
+    out = torch.zeros(*y.shape, len(bins), device=y.device, dtype=y.dtype)
+    out.scatter_add_(-1, below.unsqueeze(-1), (1.0 - w_above).unsqueeze(-1))
+    out.scatter_add_(-1, above.unsqueeze(-1), w_above.unsqueeze(-1))
+    return out
+
+
+def twohot_mean(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Expected value: softmax-weighted bins in symlog space, then symexp."""
+    return symexp((torch.softmax(logits, -1) * bins).sum(-1))
+
+
+def twohot_nll(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the two-hot encoding of symlog(target) under the predicted bins."""
+    return -(twohot_encode(symlog(target), bins) * torch.log_softmax(logits, -1)).sum(-1)
+
+
+def lambda_return(reward: torch.Tensor, value: torch.Tensor, discount: float, lam: float) -> torch.Tensor:
+    """Eq. 2: R_t = r_{t+1} + gamma * ((1 - lambda) * v_{t+1} + lambda * R_{t+1}), R_H = v_H.
+    reward [H, N] (reward[t] is predicted at imagined state t+1), value [H+1, N] -> returns [H, N]."""
+    out, ret = [], value[-1]
+    for t in reversed(range(reward.shape[0])):
+        ret = reward[t] + discount * ((1.0 - lam) * value[t + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1])
+
+
+class ReturnNorm(nn.Module):
+    """DreamerV3 return normalisation: EMA of the 5th and 95th return percentiles; scale = max(1, P95 - P5)."""
+
+    def __init__(self, decay: float = 0.99, floor: float = 1.0, low: float = 0.05, high: float = 0.95):
+        super().__init__()
+        self.decay, self.floor = decay, floor
+        self.register_buffer("quantiles", torch.tensor([low, high]))
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, returns: torch.Tensor) -> None:
+        lo, hi = torch.quantile(returns.detach().float().flatten(), self.quantiles)
+        self.low.mul_(self.decay).add_((1.0 - self.decay) * lo)
+        self.high.mul_(self.decay).add_((1.0 - self.decay) * hi)
+
+    def scale(self) -> torch.Tensor:
+        return torch.clamp(self.high - self.low, min=self.floor)
+
+
+def trunc_normal_rsample(mean: torch.Tensor, std: torch.Tensor, low: float = -1.0, high: float = 1.0):
+    """Reparameterised sample of N(mean, std) truncated to [low, high], by the inverse CDF."""
+    a, b = (low - mean) / std, (high - mean) / std
+    cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
+    u = torch.rand_like(mean)
+    p = (cdf_a + u * (cdf_b - cdf_a)).clamp(1e-6, 1.0 - 1e-6)
+    return (mean + std * torch.special.ndtri(p)).clamp(low, high)
+
+
+def trunc_normal_entropy(mean: torch.Tensor, std: torch.Tensor, low: float = -1.0, high: float = 1.0):
+    """Entropy per dimension of N(mean, std) truncated to [low, high]."""
+    a, b = (low - mean) / std, (high - mean) / std
+    z = (torch.special.ndtr(b) - torch.special.ndtr(a)).clamp(min=1e-8)
+    pdf = lambda x: torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)  # noqa: E731
+    return torch.log(math.sqrt(2.0 * math.pi * math.e) * std * z) + (a * pdf(a) - b * pdf(b)) / (2.0 * z)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """No parameter gradients for these modules inside the block (gradients still flow through them)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks: reward head, critic, actor (DreamerV3), behaviour-cloning prior (appendix G.1)
+# ----------------------------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """`layers` x (Linear, LayerNorm, SiLU), then a linear output (zero-initialised for two-hot heads)."""
+
+    def __init__(self, inp: int, out: int, units: int, layers: int, zero_output: bool = False):
+        super().__init__()
+        mods, dim = [], inp
+        for _ in range(layers):
+            mods += [nn.Linear(dim, units, bias=False), nn.LayerNorm(units, eps=1e-3), nn.SiLU()]
+            dim = units
+        self.body = nn.Sequential(*mods)
+        self.out = nn.Linear(dim, out)
+        _trunc_normal_init(self)
+        if zero_output:  # DreamerV3: reward and critic start predicting exactly 0
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
+
+
+class Actor(nn.Module):
+    """pi(a | s): truncated normal on [-1, 1]^12, mean tanh(.), std in [0.1, 1]; padded dims masked to 0."""
+
+    def __init__(self, feat_dim: int, units: int, layers: int, min_std: float = 0.1, max_std: float = 1.0):
+        super().__init__()
+        self.net = MLP(feat_dim, 2 * MAX_ACTION_DIM, units, layers)
+        self.min_std, self.max_std = min_std, max_std
+
+    def forward(self, feat: torch.Tensor):
+        mean, std = self.net(feat).chunk(2, -1)
+        return torch.tanh(mean), (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
+
+
+class BCPrior(nn.Module):
+    """pi_bc: 3 stacked frames -> CNN [d, 2d, 4d, 8d] (stride 2) -> 3-layer MLP with LayerNorm -> tanh action."""
+
+    def __init__(self, depth: int = 32, units: int = 1024, image_size: int = 64):
+        super().__init__()
+        chans = [3 * BC_FRAMES, depth, 2 * depth, 4 * depth, 8 * depth]
+        self.convs = nn.Sequential(*[m for i in range(4) for m in (nn.Conv2d(chans[i], chans[i + 1], 4, 2, 1),
+                                                                    nn.ReLU())])
+        flat = 8 * depth * (image_size // 16) ** 2
+        self.mlp = nn.Sequential(nn.Linear(flat, units), nn.LayerNorm(units), nn.SiLU(),
+                                 nn.Linear(units, units), nn.LayerNorm(units), nn.SiLU(),
+                                 nn.Linear(units, MAX_ACTION_DIM))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames uint8 [N, 3, H, W, 3] (oldest first) -> action [N, 12] in [-1, 1]."""
+        x = frames.permute(0, 1, 4, 2, 3).reshape(frames.shape[0], -1, *frames.shape[2:4]).float() / 255.0 - 0.5
+        return torch.tanh(self.mlp(self.convs(x).flatten(1)))
+
+
+def random_shift(x: torch.Tensor, rng: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """DrQ augmentation: replicate-pad by `pad` and crop back at a random offset per sample. x [N, C, H, W]."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=rng, device="cpu").to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=rng, device="cpu").to(x.device)
+    rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, :, None]  # [N, H, 1]
+    cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, :]  # [N, 1, W]
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]  # [N, H, W, C]
+    return out.permute(0, 3, 1, 2)
+
+
+def bc_stack(episode: dict, t: int) -> np.ndarray:
+    """Frames t-2, t-1, t of an episode (the first frame repeated before the start): uint8 [3, H, W, 3]."""
+    idx = [max(t - i, 0) for i in reversed(range(BC_FRAMES))]
+    return episode["image"][idx]
+
+
+def train_bc(prior: BCPrior, episodes: list, steps: int, batch: int, lr: float, action_dim: int,
+             rng: np.random.Generator, device: torch.device, log=print) -> list:
+    """Behaviour cloning on D_r: frames up to t -> action[t+1] (action t+1 follows image t). MSE on the task's
+    action dims, random-shift augmentation. Returns the loss curve (every 1% of the steps)."""
+    opt = torch.optim.Adam(prior.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    lengths = np.array([len(e["image"]) - 1 for e in episodes])  # valid t: 0 .. T-1
+    mask = (torch.arange(MAX_ACTION_DIM, device=device) < action_dim).float()
+    curve, t0 = [], time.time()
+    for step in range(steps):
+        eps = rng.integers(0, len(episodes), size=batch)
+        ts = (rng.random(batch) * lengths[eps]).astype(np.int64)
+        frames = torch.as_tensor(np.stack([bc_stack(episodes[e], t) for e, t in zip(eps, ts)]), device=device)
+        target = torch.as_tensor(np.stack([episodes[e]["action"][t + 1] for e, t in zip(eps, ts)]), device=device)
+        n, f, h, w, c = frames.shape
+        x = random_shift(frames.permute(0, 1, 4, 2, 3).reshape(n, f * c, h, w).float(), gen)
+        x = x.reshape(n, f, c, h, w).permute(0, 1, 3, 4, 2).round().clamp(0, 255).to(torch.uint8)
+        loss = ((prior(x) - target).square() * mask).sum(-1).mean() / action_dim
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % max(1, steps // 100) == 0 or step == steps - 1:
+            curve.append(loss.item())
+            if step % max(1, steps // 10) == 0 or step == steps - 1:
+                log(f"[bc] step {step + 1}/{steps} mse {curve[-1]:.4f} ({time.time() - t0:.0f}s)")
+    return curve
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The agent: world model + reward head + actor-critic, one update = world model, actor, critic
+# ----------------------------------------------------------------------------------------------------------
+
+class Agent(nn.Module):
+    def __init__(self, cfg: ModelConfig, units: int, layers: int, action_dim: int, args: Args):
+        super().__init__()
+        self.cfg, self.action_dim = cfg, action_dim
+        self.discount, self.lam, self.entropy_scale = args.discount, args.return_lambda, args.entropy_scale
+        self.horizon = None  # set by the caller (size preset / --horizon)
+        self.kl_settings = (1.0, 0.1, 1.0)  # beta_dyn, beta_rep, free nats: pre-training's (set from its args)
+        self.wm = WorldModel(cfg)
+        feat_dim = cfg.deter + cfg.stoch * cfg.classes
+        self.reward = MLP(feat_dim, 255, units, layers, zero_output=True)
+        self.critic = MLP(feat_dim, 255, units, layers, zero_output=True)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.actor = Actor(feat_dim, units, layers)
+        self.return_norm = ReturnNorm()
+        self.register_buffer("bins", twohot_bins())
+        self.register_buffer("act_mask", (torch.arange(MAX_ACTION_DIM) < action_dim).float())
+        # World model and reward head share one optimiser (the reward loss also shapes the representation).
+        self.wm_params = list(self.wm.parameters()) + list(self.reward.parameters())
+        self.wm_opt = torch.optim.Adam(self.wm_params, lr=args.wm_lr, eps=1e-5, weight_decay=1e-6)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, eps=1e-5)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, eps=1e-5)
+
+    def optimizers(self) -> dict:
+        return {"wm": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+
+    def imagine(self, start: dict, horizon: int):
+        """Roll the prior from posterior start states with the actor. The actor sees detached features;
+        its actions keep their graph, so returns backpropagate through the learned dynamics into the actor.
+        Returns feats [H+1, N, F] and the actor's entropy [H, N] (task action dims only)."""
+        rssm, state = self.wm.rssm, start
+        feats, ents = [rssm.get_feat(state)], []
+        for _ in range(horizon):
+            mean, std = self.actor(feats[-1].detach())
+            action = trunc_normal_rsample(mean, std) * self.act_mask
+            ents.append((trunc_normal_entropy(mean, std) * self.act_mask).sum(-1))
+            state = rssm.img_step(state, action)
+            feats.append(rssm.get_feat(state))
+        return torch.stack(feats), torch.stack(ents)
+
+    def world_model_loss(self, batch: dict):
+        """Eq. 1 on online and rehearsal rows plus the reward head's two-hot loss on online rows only (D_r
+        has no reward). -> (world-model loss, reward loss, metrics, posterior states [B, T, ...])."""
+        B, T = batch["action"].shape[:2]
+        dyn_scale, rep_scale, free = self.kl_settings
+        wm_loss, wm_metrics, post = self.wm.loss(batch["image"], batch["action"], batch["is_first"], dyn_scale,
+                                                 rep_scale, free)
+        reward_nll = twohot_nll(self.reward(self.wm.rssm.get_feat(post)), batch["reward"], self.bins)  # [B, T]
+        mask = batch["online"].to(reward_nll.dtype)[:, None].expand(B, T)
+        reward_loss = (reward_nll * mask).sum() / mask.sum().clamp(min=1.0)
+        return wm_loss, reward_loss, wm_metrics, post
+
+    def update(self, batch: dict) -> dict:
+        """One full update on a batch (tensors): image uint8 [B, T, H, W, 3], action [B, T, 12], is_first [B, T],
+        reward [B, T], online bool [B] (False for rehearsal rows, which have no reward).
+        Returns a dict of python floats; raises FloatingPointError on a non-finite loss."""
+        B, T = batch["action"].shape[:2]
+        t0 = time.perf_counter()
+        wm_loss, reward_loss, wm_metrics, post = self.world_model_loss(batch)
+        self.wm_opt.zero_grad(set_to_none=True)
+        (wm_loss + reward_loss).backward()
+        wm_grad = nn.utils.clip_grad_norm_(self.wm_params, 100.0)
+        self.wm_opt.step()
+        t1 = time.perf_counter()
+
+        # Actor (Eq. 3) and critic on one imagined batch: imagine from every posterior state. The critic runs
+        # once on the imagined features; the actor's backward pass takes gradients through it (and through
+        # the reward head and the dynamics, whose parameters are frozen), the critic's only into its weights.
+        start = {key: value.detach().reshape(B * T, *value.shape[2:]) for key, value in post.items()}
+        del post
+        actor_params, critic_params = list(self.actor.parameters()), list(self.critic.parameters())
+        with frozen(self.wm, self.reward):
+            feats, ent = self.imagine(start, self.horizon)
+            # Heads on all H+1 states and slice their outputs: slicing the features instead would make the
+            # backward pass zero-fill and copy a feature-sized gradient buffer.
+            reward = twohot_mean(self.reward(feats), self.bins)[1:]  # [H, N]: reward[t] at state t+1
+            logits = self.critic(feats)  # [H+1, N, 255]
+            value = twohot_mean(logits, self.bins)
+            ret = lambda_return(reward, value, self.discount, self.lam)  # [H, N]
+            self.return_norm.update(ret)
+            scale = self.return_norm.scale()
+            weight = self.discount ** torch.arange(self.horizon, device=ret.device, dtype=ret.dtype)[:, None]
+            actor_loss = -(weight * ret).mean() / scale - self.entropy_scale * (weight * ent).mean()
+            with torch.no_grad():  # regulariser target: the slow critic's prediction (DreamerV3)
+                slow = twohot_mean(self.slow_critic(feats[:-1]), self.bins)
+            logits = logits[:-1]
+            critic_loss = (weight * (twohot_nll(logits, ret.detach(), self.bins)
+                                     + twohot_nll(logits, slow, self.bins))).mean()
+            self.actor_opt.zero_grad(set_to_none=True)
+            self.critic_opt.zero_grad(set_to_none=True)
+            actor_loss.backward(inputs=actor_params, retain_graph=True)
+            critic_loss.backward(inputs=critic_params)
+        del feats, logits
+        actor_grad = nn.utils.clip_grad_norm_(actor_params, 100.0)
+        self.actor_opt.step()
+        critic_grad = nn.utils.clip_grad_norm_(critic_params, 100.0)
+        self.critic_opt.step()
+        with torch.no_grad():  # slow critic: EMA with fraction 0.02 per update
+            for p_slow, p in zip(self.slow_critic.parameters(), self.critic.parameters()):
+                p_slow.lerp_(p, 0.02)
+        t2 = time.perf_counter()
+
+        names = ["wm_loss", "reward_loss", "actor_loss", "critic_loss", "entropy", "return_scale", "return_mean",
+                 "imag_reward", "value", "wm_grad_norm", "actor_grad_norm", "critic_grad_norm"]
+        values = [wm_loss, reward_loss, actor_loss, critic_loss, ent.mean(), scale, ret.mean(), reward.mean(),
+                  value.mean(), wm_grad, actor_grad, critic_grad]
+        names += [f"wm/{k}" for k in wm_metrics]
+        values += list(wm_metrics.values())
+        numbers = torch.stack([v.detach().float().reshape(()) for v in values]).tolist()  # one sync
+        metrics = dict(zip(names, numbers))
+        bad = [n for n in ("wm_loss", "reward_loss", "actor_loss", "critic_loss") if not math.isfinite(metrics[n])]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)}: " +
+                                     ", ".join(f"{n}={metrics[n]}" for n in bad))
+        metrics["time_wm"], metrics["time_actor_critic"] = t1 - t0, t2 - t1
+        return metrics
+
+    @torch.no_grad()
+    def act(self, state: Optional[dict], prev_action: torch.Tensor, image: np.ndarray, mode: bool):
+        """Filter one observation and pick an action. state None = episode start. -> (action [12], state)."""
+        device = self.bins.device
+        embed = self.wm.encoder(torch.as_tensor(image, device=device)[None])
+        is_first = torch.tensor([state is None], device=device)
+        if state is None:
+            state = self.wm.rssm.initial(1)
+        post, _ = self.wm.rssm.obs_step(state, prev_action[None], embed, is_first)
+        mean, std = self.actor(self.wm.rssm.get_feat(post))
+        action = mean if mode else trunc_normal_rsample(mean, std)
+        return (action * self.act_mask)[0], post
+
+
+def train_step(agent: Agent, batch: dict) -> dict:
+    """One full update (world model + actor + critic); the function benchmarks call."""
+    return agent.update(batch)
+
+
+def random_batch(batch_size: int, seq_len: int, action_dim: int, online_rows: Optional[int] = None,
+                 image_size: int = 64, device="cpu", seed: int = 0) -> dict:
+    """A random batch in update() format (for benchmarks and tests)."""
+    g = torch.Generator().manual_seed(seed)
+    online_rows = batch_size if online_rows is None else online_rows
+    action = torch.zeros(batch_size, seq_len, MAX_ACTION_DIM)
+    action[..., :action_dim] = torch.rand(batch_size, seq_len, action_dim, generator=g) * 2 - 1
+    is_first = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+    is_first[:, 0] = True
+    batch = {"image": torch.randint(0, 256, (batch_size, seq_len, image_size, image_size, 3), generator=g,
+                                    dtype=torch.uint8),
+             "action": action, "is_first": is_first, "reward": torch.rand(batch_size, seq_len, generator=g),
+             "online": torch.arange(batch_size) < online_rows}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def to_batch(online: dict, offline: Optional[dict], device) -> dict:
+    """Numpy sequences [B_on, T, ...] (+ rehearsal [B_off, T, ...]) -> update() batch on the device."""
+    parts = [online] + ([offline] if offline is not None else [])
+    batch = {key: torch.as_tensor(np.concatenate([p[key] for p in parts]), device=device)
+             for key in ("image", "action", "reward", "is_first")}
+    n_on = len(online["image"])
+    batch["online"] = torch.arange(len(batch["image"]), device=device) < n_on
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and upstream artefacts
+# ----------------------------------------------------------------------------------------------------------
+
+def resolve_size(args: Args, wm_ckpt: Optional[dict]) -> str:
+    if args.size is not None:
+        return args.size
+    if wm_ckpt is None:
+        return "xs"
+    size = (wm_ckpt.get("args") or {}).get("size")
+    if size not in SIZES:
+        fail(f"cannot tell the checkpoint's size ({size!r}); pass --size")
+    return size
+
+
+def model_config_for(size: str) -> ModelConfig:
+    fields = set(ModelConfig.__dataclass_fields__)
+    return ModelConfig(**{k: v for k, v in SIZES[size].items() if k in fields})
+
+
+def load_wm_checkpoint(path: Path) -> tuple[dict, str]:
+    if not path.is_file():
+        fail(f"checkpoint {path} not found (train one with pretrain_wm.py, or pass --no-pretrain)")
+    sha = sha256_file(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+        fail(f"cannot load checkpoint {path}: {e}")
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != 1 or "model_config" not in ckpt:
+        fail(f"{path} is not a pretrain_wm.py checkpoint of format version 1 "
+             f"(format_version={ckpt.get('format_version') if isinstance(ckpt, dict) else None})")
+    return ckpt, sha
+
+
+def check_model_config(ckpt: dict, size: str, path: Path) -> ModelConfig:
+    want = asdict(model_config_for(size))
+    got = dict(ckpt["model_config"])
+    if got != want:
+        diff = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)}
+        fail(f"checkpoint {path} holds a world model of another size than --size {size}: "
+             + ", ".join(f"{k}: checkpoint {a} vs {size} {b}" for k, (a, b) in diff.items()))
+    return ModelConfig(**got)
+
+
+def load_index(index_dir: Path, checkpoint_sha: str, checkpoint: Path):
+    meta_path, faiss_path = index_dir / "index.json", index_dir / "index.faiss"
+    if not meta_path.is_file() or not faiss_path.is_file():
+        fail(f"no retrieval index in {index_dir} (expected index.faiss and index.json; build one with "
+             f"`python retrieval.py build`, or pass --no-rehearsal --no-guidance)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != 1:
+        fail(f"{meta_path} has format_version {meta.get('format_version')}, expected 1")
+    if meta.get("checkpoint_sha256") != checkpoint_sha:
+        fail(f"the index in {index_dir} was built with another encoder (checkpoint sha256 "
+             f"{str(meta.get('checkpoint_sha256'))[:16]}...) than {checkpoint} ({checkpoint_sha[:16]}...); "
+             f"rebuild it with `python retrieval.py build --checkpoint {checkpoint}`")
+    return faiss.read_index(str(faiss_path)), meta
+
+
+def load_manifest(data_dir: Path, expected_sha: str) -> dict:
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        fail(f"no manifest.json in {data_dir} (the offline data the index was built over)")
+    raw = path.read_bytes()
+    if sha256_bytes(raw) != expected_sha:
+        fail(f"{path} differs from the manifest the index was built over (sha256 mismatch)")
+    return json.loads(raw)
+
+
+def rng_state(np_rng: np.random.Generator) -> dict:
+    state = {"numpy": json.dumps(np_rng.bit_generator.state), "python": json.dumps(random.getstate()),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, np_rng: np.random.Generator) -> None:
+    np_rng.bit_generator.state = json.loads(state["numpy"])
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, agent: Agent, prior: Optional[BCPrior], bc_opt_done: bool, counters: dict,
+                    np_rng: np.random.Generator, args: Args, extra: dict) -> None:
+    ckpt = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": asdict(args),
+            "model_config": asdict(agent.cfg), "model": agent.wm.state_dict(),
+            "reward": agent.reward.state_dict(), "actor": agent.actor.state_dict(),
+            "critic": agent.critic.state_dict(), "slow_critic": agent.slow_critic.state_dict(),
+            "return_norm": agent.return_norm.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in agent.optimizers().items()},
+            "bc_prior": prior.state_dict() if prior is not None else None, "bc_done": bc_opt_done,
+            "counters": dict(counters), "rng": rng_state(np_rng), **extra}
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def write_video(path: Path, frames: list) -> None:
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    imageio.mimwrite(tmp, np.stack(frames), fps=30, macro_block_size=16)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Acting in the environment
+# ----------------------------------------------------------------------------------------------------------
+
+class PriorActor:
+    """Runs pi_bc on the last 3 frames of the current episode."""
+
+    def __init__(self, prior: BCPrior, device):
+        self.prior, self.device, self.frames = prior, device, deque(maxlen=BC_FRAMES)
+
+    def reset(self, image):
+        self.frames.clear()
+        self.frames.extend([image] * BC_FRAMES)
+
+    def observe(self, image):
+        self.frames.append(image)
+
+    @torch.no_grad()
+    def act(self) -> torch.Tensor:
+        return self.prior(torch.as_tensor(np.stack(self.frames), device=self.device)[None])[0]
+
+
+def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mode: bool = False,
+                prior: Optional[PriorActor] = None, prior_window: tuple = (0, 0), random_actions: bool = False,
+                record: bool = False):
+    """One episode. Step t uses pi_bc if prior_window[0] <= t < sum(prior_window), else random actions (warm-up
+    without guidance) or the RL policy (its mode with mode=True). When the RL policy acts anywhere in the episode
+    it filters every observation, so its state is right when it takes over.
+    Returns (episode dict in replay format, (stats, the frames if record else None))."""
+    device, A = agent.bins.device, env.action_dim
+    image = env.reset()
+    images, actions, rewards = [image], [np.zeros(MAX_ACTION_DIM, np.float32)], [0.0]
+    state, prev = None, torch.zeros(MAX_ACTION_DIM, device=device)
+    if prior is not None:
+        prior.reset(image)
+    successes, prior_steps, done, t = [], 0, False, 0
+    # The RL policy's state is only needed if the policy acts at some step of this episode.
+    uses_policy = not random_actions and not (prior is not None and prior_window[0] == 0
+                                              and prior_window[1] >= max_steps)
+    while not done and t < max_steps:
+        action = None
+        if uses_policy:
+            action, state = agent.act(state, prev, image, mode)
+        if prior is not None and prior_window[0] <= t < prior_window[0] + prior_window[1]:
+            action, prior_steps = prior.act() * agent.act_mask, prior_steps + 1
+        elif random_actions:
+            action = torch.as_tensor(np.pad(rng.uniform(-1, 1, A), (0, MAX_ACTION_DIM - A)).astype(np.float32),
+                                     device=device)
+        a = action.cpu().numpy().astype(np.float32)
+        image, reward, done, info = env.step(a[:A])  # only the task's own dims reach the env
+        if prior is not None:
+            prior.observe(image)
+        images.append(image)
+        actions.append(a)
+        rewards.append(reward)
+        successes.append(bool(info.get("success", False)))
+        prev, t = action, t + 1
+    episode = {"image": np.stack(images), "action": np.stack(actions).astype(np.float32),
+               "reward": np.asarray(rewards, np.float32), "is_first": np.arange(len(images)) == 0}
+    stats = {"return": float(np.sum(rewards)), "length": t, "success": bool(successes[-1]) if successes else False,
+             "success_any": any(successes), "prior_steps": prior_steps}
+    return episode, (stats, images if record else None)
+
+
+def evaluate(env, agent: Agent, episodes: int, max_steps: int, rng) -> tuple[dict, list]:
+    stats, video = [], None
+    for i in range(episodes):
+        _, (s, frames) = run_episode(env, agent, rng, max_steps, mode=True, record=(i == 0))
+        stats.append(s)
+        video = frames if i == 0 else video
+    out = {"eval_return": float(np.mean([s["return"] for s in stats]))}
+    if env.is_metaworld:
+        out["eval_success"] = float(np.mean([s["success"] for s in stats]))
+        out["eval_success_any"] = float(np.mean([s["success_any"] for s in stats]))
+    return out, video
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main: Algorithm 1
+# ----------------------------------------------------------------------------------------------------------
+
+def variant_name(args: Args) -> str:
+    if args.no_pretrain:
+        return "scratch"
+    if args.no_rehearsal and args.no_guidance:
+        return "naive"
+    name = "gsa" + ("-norehearsal" if args.no_rehearsal else "")
+    return name + ("-noguidance" if args.no_guidance else ("-jsrl" if args.guidance == "jsrl" else ""))
+
+
+def main(args: Args) -> None:
+    wall0 = time.time()
+    if args.task not in TASK_NAMES:
+        fail(f"unknown task {args.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+    if not 0.0 <= args.offline_ratio < 1.0:
+        fail(f"--offline-ratio must be in [0, 1), got {args.offline_ratio}")
+    for name, value in (("--k", args.k), ("--query-resets", args.query_resets), ("--env-steps", args.env_steps),
+                        ("--checkpoint-every", args.checkpoint_every)):
+        if value < 1:
+            fail(f"{name} must be >= 1, got {value}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    use_guidance = not (args.no_pretrain or args.no_guidance)
+    use_rehearsal = not (args.no_pretrain or args.no_rehearsal) and args.offline_ratio > 0
+    need_retrieval = use_guidance or use_rehearsal
+    out_dir = Path(args.out_dir or f"runs/finetune/{args.task}-{variant_name(args)}-s{args.seed}")
+    ckpt_path = out_dir / "ckpt.pt"
+    resume_ckpt = None
+    if args.resume:
+        if ckpt_path.is_file():
+            resume_ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if resume_ckpt.get("format_version") != FORMAT_VERSION or resume_ckpt.get("script") != SCRIPT:
+                fail(f"{ckpt_path} is not a {SCRIPT} checkpoint of format version {FORMAT_VERSION}")
+            saved = dict(resume_ckpt["args"])
+            ignore = {"resume", "env_steps", "threads", "device", "out_dir", "eval_every", "eval_episodes",
+                      "checkpoint_every", "video"}
+            diff = [k for k in asdict(args) if k not in ignore and saved.get(k) != getattr(args, k)]
+            if diff:
+                fail(f"--resume with settings that differ from the run in {out_dir}: "
+                     + ", ".join(f"{k} ({saved.get(k)!r} there, {getattr(args, k)!r} now)" for k in diff))
+        else:
+            print(f"[finetune] --resume: no checkpoint in {out_dir}; starting a fresh run there")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        fail(f"{out_dir} exists and is not empty; pass --resume to continue that run or choose another --out-dir")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+
+    # Upstream artefacts first, so a bad input fails before anything is written.
+    wm_ckpt, wm_sha = (None, None) if args.no_pretrain else load_wm_checkpoint(Path(args.checkpoint))
+    size = resolve_size(args, wm_ckpt)
+    cfg = model_config_for(size) if args.no_pretrain else check_model_config(wm_ckpt, size, Path(args.checkpoint))
+    index = meta = manifest = None
+    if need_retrieval:
+        index, meta = load_index(Path(args.index_dir), wm_sha, Path(args.checkpoint))
+        manifest = load_manifest(Path(args.data_dir), meta.get("manifest_sha256"))
+    preset = dict(AGENT_SIZES[size])
+    overrides = {"batch_size": args.batch_size, "seq_len": args.seq_len, "horizon": args.horizon,
+                 "train_ratio": args.train_ratio, "warmup_frames": args.warmup_frames, "bc_steps": args.bc_steps,
+                 "eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
+    preset.update({key: value for key, value in overrides.items() if value is not None})
+    B, L, H = preset["batch_size"], preset["seq_len"], preset["horizon"]
+    b_off = int(round(B * args.offline_ratio)) if use_rehearsal else 0
+    b_on = B - b_off
+    if b_on < 1:
+        fail(f"batch {B} with --offline-ratio {args.offline_ratio} leaves no online rows")
+
+    def log(msg):
+        print(msg, flush=True)
+
+    # Seeding. The train env is seeded by the seed and (on resume) the episode count: simulator state cannot
+    # be checkpointed, so a resumed run's later episodes differ from an uninterrupted run's.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    np_rng = np.random.default_rng(args.seed)
+    counters = {"env_frames": 0, "agent_steps": 0, "episodes": 0, "updates": 0, "evals": 0, "wall_time": 0.0,
+                "last_ckpt_frames": 0}
+    if resume_ckpt is not None:
+        counters.update(resume_ckpt["counters"])
+    env = make_env(args.task, seed=args.seed + 1000 * counters["episodes"])
+    eval_env = None
+    A = env.action_dim
+    max_steps = env.max_steps if args.max_episode_steps is None else min(env.max_steps, args.max_episode_steps)
+    episode_frames = max_steps * ACTION_REPEAT
+
+    # Agent: the pretrained world model, whole (Sec. 3.3).
+    agent = Agent(cfg, preset["units"], preset["layers"], A, args).to(device)
+    agent.horizon = H
+    if wm_ckpt is not None:
+        agent.wm.load_state_dict(wm_ckpt["model"], strict=True)
+        pre = wm_ckpt.get("args") or {}
+        agent.kl_settings = (pre.get("dyn_scale", 1.0), pre.get("rep_scale", 0.1), pre.get("free_nats", 1.0))
+    n_wm = sum(p.numel() for p in agent.wm.parameters())
+    n_ac = sum(p.numel() for m in (agent.actor, agent.critic, agent.reward) for p in m.parameters())
+    log(f"[finetune] {args.task} ({env.embodiment}, {A} action dims), size {size}, variant {variant_name(args)}, "
+        f"world model {n_wm / 1e6:.2f}M params, heads {n_ac / 1e6:.2f}M, device {device}, out {out_dir}")
+
+    # 1. Retrieval (Eq. 4): the k offline episodes nearest to the task's reset frames, same action dim.
+    offline = SequenceReplay() if need_retrieval else None
+    retrieved = []
+    if need_retrieval:
+        if resume_ckpt is not None:
+            retrieved = [tuple(r) for r in resume_ckpt["retrieved"]]
+            rows = {r["path"]: r for r in meta["rows"]}
+            missing = [p for p, _ in retrieved if p not in rows]
+            if missing:
+                fail(f"the index in {args.index_dir} changed since this run started: {missing[0]} is gone")
+            pairs = [(rows[p], d) for p, d in retrieved]
+        else:
+            query_env = make_env(args.task, seed=args.seed + 20_000)
+            frames = np.stack([query_env.reset() for _ in range(args.query_resets)])
+            query_env.close()
+            with torch.no_grad():
+                query = agent.wm.encoder(torch.as_tensor(frames, device=device)).float().cpu().numpy()
+            t_r = time.time()
+            pairs = retrieve(index, meta, query, args.k, action_dim=A)
+            log(f"[retrieval] {len(pairs)} episodes in {time.time() - t_r:.2f}s (k={args.k}, action dim {A})")
+            retrieved = [(row["path"], dist) for row, dist in pairs]
+        if not pairs:
+            fail(f"the index in {args.index_dir} has no episode with action dim {A} for {args.task}; "
+                 f"collect data for {env.embodiment} or pass --no-rehearsal --no-guidance")
+        shas = {ep["path"]: ep["sha256"] for ep in manifest["episodes"]}
+        for row, _ in pairs:
+            if row["path"] not in shas:
+                fail(f"retrieved episode {row['path']} is not in {args.data_dir}/manifest.json")
+            offline.add(load_offline_episode(Path(args.data_dir), row, shas[row["path"]]))
+        by_emb = Counter(row["embodiment"] for row, _ in pairs)
+        by_task = Counter(f"{row['embodiment']}/{row.get('task')}" for row, _ in pairs)
+        log(f"[retrieval] D_r: {len(offline)} episodes, {offline.steps} steps; by embodiment {dict(by_emb)}; "
+            f"by source task {dict(by_task.most_common(10))}")
+        if use_rehearsal and all(len(e["image"]) < L for e in offline.episodes):
+            fail(f"no retrieved episode has {L} steps (--seq-len)")
+
+    # Run directory and logging (only now: every input has been checked).
+    (out_dir / "replay").mkdir(parents=True, exist_ok=True)
+    (out_dir / "videos").mkdir(exist_ok=True)
+    write_json_atomic(out_dir / "args.json", {**asdict(args), "resolved_size": size, "resolved": preset,
+                                              "device": str(device)})
+    writer = SummaryWriter(str(out_dir / "tb"))
+    if need_retrieval and resume_ckpt is None:
+        write_json_atomic(out_dir / "retrieval.json", {
+            "k": args.k, "action_dim": A, "by_embodiment": dict(by_emb), "by_source_task": dict(by_task),
+            "episodes": [{"path": row["path"], "embodiment": row["embodiment"], "task": row.get("task"),
+                          "distance": dist} for row, dist in pairs]})
+
+    # 2. Prior pi_bc: behaviour cloning on D_r.
+    prior = None
+    if use_guidance:
+        prior = BCPrior(preset["bc_depth"], preset["bc_units"]).to(device)
+        if resume_ckpt is not None and resume_ckpt.get("bc_done"):
+            prior.load_state_dict(resume_ckpt["bc_prior"])
+        else:
+            t_bc = time.time()
+            curve = train_bc(prior, offline.episodes, preset["bc_steps"], preset["bc_batch"], args.bc_lr, A,
+                             np_rng, device, log)
+            writer.add_scalar("bc/final_mse", curve[-1], 0)
+            log(f"[bc] done in {time.time() - t_bc:.0f}s")
+        prior.eval()
+    g_start, g_end, g_frames = guidance_schedule(args, env.is_metaworld)
+
+    # Restore the rest of a resumed run; the online replay is reread from the episode files.
+    online = SequenceReplay()
+    if resume_ckpt is not None:
+        agent.wm.load_state_dict(resume_ckpt["model"])
+        for name in ("reward", "actor", "critic", "slow_critic", "return_norm"):
+            getattr(agent, name).load_state_dict(resume_ckpt[name])
+        for name, opt in agent.optimizers().items():
+            opt.load_state_dict(resume_ckpt["optimizers"][name])
+        set_rng_state(resume_ckpt["rng"], np_rng)
+        for i in range(counters["episodes"]):
+            online.add(load_episode(replay_path(out_dir, i)))
+        log(f"[finetune] resumed at {counters['env_frames']} frames, {counters['episodes']} episodes, "
+            f"{counters['updates']} updates")
+    del wm_ckpt, resume_ckpt
+
+    def checkpoint():
+        counters["wall_time"] = counters_wall()
+        counters["last_ckpt_frames"] = counters["env_frames"]
+        save_checkpoint(ckpt_path, agent, prior, use_guidance, counters, np_rng, args,
+                        {"size": size, "task": args.task, "retrieved": [list(r) for r in retrieved],
+                         "guidance": {"start": g_start, "end": g_end, "frames": g_frames}})
+
+    wall_offset = counters["wall_time"]
+
+    def counters_wall():
+        return wall_offset + time.time() - wall0
+
+    if counters["episodes"] == 0:
+        checkpoint()  # the prior is kept, so a resume does not clone it again
+
+    warmup_total = max(preset["warmup_frames"], preset["warmup_episodes"] * episode_frames)
+    log(f"[finetune] batch {b_on}+{b_off} x {L}, horizon {H}, train ratio {preset['train_ratio']} "
+        f"({preset['train_ratio'] / (B * L):.4f} updates per agent step), warm-up {warmup_total} frames, "
+        f"guidance {'off' if not use_guidance else f'{args.guidance} p {g_start}->{g_end} over {g_frames} frames'}")
+    for name in ("metrics.jsonl", "train.jsonl"):  # drop lines written after the checkpoint we resume from
+        path = out_dir / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["env_steps"] <= counters["env_frames"]]
+            write_atomic(path, "".join(line + "\n" for line in kept).encode())
+    metrics_file = open(out_dir / "metrics.jsonl", "a")
+    train_file = open(out_dir / "train.jsonl", "a")
+    rate_t, rate_frames = time.time(), counters["env_frames"]
+    try:
+        while counters["env_frames"] < args.env_steps:
+            # 3. Collect one episode: warm-up by pi_bc (random without guidance), then guidance windows.
+            frames_now = counters["env_frames"]
+            warm = frames_now < warmup_total
+            p = guidance_probability(frames_now, g_start, g_end, g_frames) if use_guidance else 0.0
+            window = (0, 0)
+            if warm and use_guidance:
+                window = (0, max_steps)
+            elif use_guidance and np_rng.random() < p:
+                window = guidance_window(max_steps, np_rng, args.guidance)
+            agent.eval()
+            episode, (stats, _) = run_episode(env, agent, np_rng, max_steps, prior=PriorActor(prior, device)
+                                              if prior is not None else None, prior_window=window,
+                                              random_actions=warm and not use_guidance)
+            agent.train()
+            save_episode(replay_path(out_dir, counters["episodes"]), episode)
+            online.add(episode)
+            counters["episodes"] += 1
+            counters["agent_steps"] += stats["length"]
+            counters["env_frames"] += stats["length"] * ACTION_REPEAT
+            writer.add_scalar("episode/return", stats["return"], counters["env_frames"])
+            writer.add_scalar("episode/prior_steps", stats["prior_steps"], counters["env_frames"])
+            writer.add_scalar("episode/guidance_p", p, counters["env_frames"])
+
+            # 4. Updates at the replay ratio (counted over all agent steps, so the first ones come in a burst
+            # after the warm-up).
+            summed, n_upd = {}, 0
+            if counters["env_frames"] >= warmup_total:
+                due = int(counters["agent_steps"] * preset["train_ratio"] / (B * L)) - counters["updates"]
+                t_note = time.time()
+                for i in range(max(due, 0)):
+                    if time.time() - t_note > 60:  # long bursts (the first updates after the warm-up)
+                        log(f"[finetune] update {i}/{due} of this episode ({counters['updates']} in all)")
+                        t_note = time.time()
+                    on = online.sample(np_rng, b_on, L)
+                    off = offline.sample(np_rng, b_off, L) if b_off else None
+                    m = agent.update(to_batch(on, off, device))
+                    counters["updates"] += 1
+                    n_upd += 1
+                    for key, v in m.items():
+                        summed[key] = summed.get(key, 0.0) + v
+            if n_upd:
+                means = {key: v / n_upd for key, v in summed.items()}
+                for key, v in means.items():
+                    writer.add_scalar(f"train/{key}", v, counters["env_frames"])
+                train_file.write(json.dumps({"env_steps": counters["env_frames"], "train_updates": counters["updates"],
+                                             "updates_this_episode": n_upd, **means}) + "\n")
+                train_file.flush()
+
+            # Progress line.
+            now = time.time()
+            fps = (counters["env_frames"] - rate_frames) / max(now - rate_t, 1e-9)
+            eta = (args.env_steps - counters["env_frames"]) / max(fps, 1e-9)
+            log(f"[finetune] {counters['env_frames']}/{args.env_steps} frames | ep {counters['episodes']} return "
+                f"{stats['return']:.1f} prior {stats['prior_steps']}/{stats['length']} p {p:.2f} | updates "
+                f"{counters['updates']} | {fps:.1f} frames/s | eta {eta / 60:.1f} min"
+                + (f" | wm {summed['wm_loss'] / n_upd:.3f} actor {summed['actor_loss'] / n_upd:.3f}" if n_upd else ""))
+
+            # 5. Evaluation with the policy's mode (no prior).
+            done = counters["env_frames"] >= args.env_steps
+            if counters["env_frames"] >= (counters["evals"] + 1) * preset["eval_every"] or done:
+                if eval_env is None:
+                    eval_env = make_env(args.task, seed=args.seed + 10_000 + counters["evals"])
+                agent.eval()
+                result, video = evaluate(eval_env, agent, preset["eval_episodes"], max_steps, np_rng)
+                agent.train()
+                counters["evals"] = max(counters["evals"] + 1, counters["env_frames"] // preset["eval_every"])
+                line = {"env_steps": counters["env_frames"], **result, "wall_time": counters_wall(),
+                        "train_updates": counters["updates"], "guidance_p": p, "episodes": counters["episodes"]}
+                metrics_file.write(json.dumps(line) + "\n")
+                metrics_file.flush()
+                for key, v in result.items():
+                    writer.add_scalar(f"eval/{key[5:]}", v, counters["env_frames"])
+                if args.video and video:
+                    write_video(out_dir / "videos" / f"eval-{counters['env_frames']:07d}.mp4", video)
+                log(f"[eval] {counters['env_frames']} frames: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+                checkpoint()
+            elif done or counters["env_frames"] - counters["last_ckpt_frames"] >= args.checkpoint_every:
+                checkpoint()
+    except FloatingPointError as e:
+        fail(f"{e} at update {counters['updates']}; stopped, the last checkpoint {ckpt_path} is kept")
+    finally:
+        metrics_file.close()
+        train_file.close()
+        writer.close()
+        env.close()
+        if eval_env is not None:
+            eval_env.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log(f"[finetune] done: {counters['env_frames']} frames, {counters['updates']} updates, "
+        f"{counters_wall() / 60:.1f} min, peak memory {peak:.0f} MB")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,1036 @@
+"""Multi-embodiment world-model pre-training (GSA paper Sec. 3.2, Eq. 1 without task losses).
+
+One DreamerV3-style RSSM learns the dynamics of every embodiment in the offline data, without rewards,
+task ids or embodiment ids. Actions are zero-padded to 12 dims so all embodiments share one model.
+
+Reads:  <data-dir>/manifest.json and the episode .npz files it lists (collect_offline.py's format).
+Writes: <out-dir>/wm.pt (checkpoint: model, optimiser, step, RNG, args, model config, manifest hash),
+        <out-dir>/args.json, <out-dir>/metrics.jsonl, <out-dir>/tb/ (TensorBoard),
+        <out-dir>/videos/openloop-<embodiment>-<step>.gif (5 context frames, then imagination | truth).
+
+Example:
+    python pretrain_wm.py --data-dir data --out-dir runs/wm --embodiments all --size xs --steps 20000
+    torchrun --nproc_per_node 2 pretrain_wm.py --data-dir data --out-dir runs/wm --size s   # data-parallel
+"""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # no rendering here, but keep the stage scripts uniform
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import random
+import resource
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+
+EMBODIMENTS = ("cartpole", "acrobot", "walker", "cheetah", "quadruped", "sawyer")
+ACTION_DIMS = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
+MAX_ACTION_DIM = 12
+MANIFEST_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1
+PROG = "pretrain_wm.py"
+
+
+@dataclass
+class Args:
+    out_dir: str
+    """run directory: wm.pt, args.json, metrics.jsonl, tb/, videos/"""
+    data_dir: str
+    """offline dataset written by collect_offline.py (manifest.json + episode .npz files)"""
+    seed: int = 0
+    """seed of model init, latent sampling and the data sampler"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available; under torchrun each rank takes cuda:LOCAL_RANK"""
+    embodiments: str = "all"
+    """comma-separated names, `dmc` (first five), `metaworld` (= sawyer), or `all` (every embodiment in the
+    data); an asked-for embodiment without episodes is an error"""
+    size: Literal["tiny", "xs", "s", "paper"] = "xs"
+    """named model and batch size (SIZES): tiny = tests, xs = CPU, s = DreamerV3 S, paper = ~280M params"""
+    steps: int = 200_000
+    """total gradient updates (the paper pre-trains 200k)"""
+    resume: bool = False
+    """continue from <out-dir>/wm.pt (if present) with the same data and run-defining args"""
+    batch_size: Optional[int] = None
+    """sequences per update per process (default: the size's; paper 32)"""
+    seq_len: Optional[int] = None
+    """sequence length (default: the size's; paper 64)"""
+    lr: float = 1e-4
+    """Adam learning rate"""
+    adam_eps: float = 1e-5
+    """Adam epsilon"""
+    weight_decay: float = 1e-6
+    """Adam weight decay"""
+    grad_clip: float = 100.0
+    """clip the global gradient norm to this"""
+    dyn_scale: float = 1.0
+    """beta_dyn of the balanced KL (release 1.0; DreamerV3 0.5)"""
+    rep_scale: float = 0.1
+    """beta_rep of the balanced KL"""
+    free_nats: float = 1.0
+    """free bits: each KL term is clipped below at this many nats"""
+    pool_mb: float = 2048
+    """memory cap of the in-memory episode pool (MiB per process); the dataset itself may exceed RAM"""
+    pool_swaps_per_step: float = 0.5
+    """episodes replaced in the pool (loaded from disk in a background thread) per update"""
+    holdout_fraction: float = 0.05
+    """fraction of each embodiment's episodes held out for open-loop evaluation (at least 1 if it has 2+)"""
+    eval_episodes: int = 2
+    """held-out episodes per embodiment in each open-loop evaluation (and video)"""
+    openloop_len: int = 50
+    """frames per open-loop clip: 5 context frames, then imagined frames"""
+    eval_every: int = 5000
+    """open-loop evaluation (held-out MSE + videos) every this many updates, and at the end"""
+    checkpoint_every: int = 1000
+    """write <out-dir>/wm.pt atomically every this many updates, and at the end"""
+    log_every: int = 100
+    """metrics.jsonl / TensorBoard / progress line every this many updates (averaged over them)"""
+    threads: Optional[int] = None
+    """torch CPU threads per process (default: torch's choice)"""
+    bf16: bool = True
+    """bf16 autocast on GPU (mixed precision); ignored on CPU"""
+
+
+RUN_DEFINING = ("embodiments", "size", "seed", "batch_size", "seq_len", "lr", "adam_eps", "weight_decay",
+                "grad_clip", "dyn_scale", "rep_scale", "free_nats", "pool_mb", "pool_swaps_per_step",
+                "holdout_fraction")
+"""Args that must match when resuming (others, e.g. --steps or logging intervals, may change)."""
+
+
+def fail(message: str):
+    raise SystemExit(f"{PROG}: error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: manifest validation, episode loading (sha256-checked), a bounded episode pool refreshed from disk
+# ---------------------------------------------------------------------------------------------------------
+def parse_embodiments(spec: str) -> Optional[list]:
+    """Embodiment names in canonical order; None for `all` (= every embodiment present in the data)."""
+    if spec == "all":
+        return None
+    if spec == "dmc":
+        return list(EMBODIMENTS[:5])
+    if spec == "metaworld":
+        return ["sawyer"]
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in EMBODIMENTS]
+    if bad or not names:
+        fail(f"unknown embodiment(s) {bad or spec!r}; valid: {', '.join(EMBODIMENTS)}, dmc, metaworld, all")
+    return [e for e in EMBODIMENTS if e in names]  # canonical order
+
+
+def load_manifest(data_dir: Path, embodiments: Optional[list]):
+    """Validate manifest.json and the episode list (embodiments None = all present in the data);
+    returns (manifest, sha256 of its bytes, rows to use, ordered embodiment list)."""
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        fail(f"no manifest.json in {data_dir} (run collect_offline.py first)")
+    raw = path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as e:
+        fail(f"{path} is not valid JSON: {e}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != MANIFEST_FORMAT_VERSION:
+        fail(f"{path}: unsupported format_version {manifest.get('format_version') if isinstance(manifest, dict) else None!r}"
+             f" (expected {MANIFEST_FORMAT_VERSION})")
+    if manifest.get("image_size") != 64 or manifest.get("max_action_dim") != MAX_ACTION_DIM:
+        fail(f"{path}: expected image_size 64 and max_action_dim {MAX_ACTION_DIM}")
+    rows = manifest.get("episodes")
+    if not isinstance(rows, list):
+        fail(f"{path}: no 'episodes' list")
+    keys = ("path", "embodiment", "length", "sha256")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or any(k not in row for k in keys):
+            fail(f"{path}: episode row {i} lacks one of {keys}")
+        p = row["path"]
+        if not isinstance(p, str) or p.startswith("/") or ".." in p.split("/"):
+            fail(f"{path}: episode row {i} has an unsafe path {p!r}")
+        if row["embodiment"] not in EMBODIMENTS:
+            fail(f"{path}: episode {p} has unknown embodiment {row['embodiment']!r}")
+        if not isinstance(row["length"], int) or row["length"] < 1:
+            fail(f"{path}: episode {p} has a bad length {row['length']!r}")
+    missing = [r["path"] for r in rows if not (data_dir / r["path"]).is_file()]
+    if missing:
+        fail(f"{len(missing)} episode file(s) listed in {path} are missing, e.g. {missing[:3]}")
+    if embodiments is None:  # `all`: every embodiment present in the data
+        embodiments = [e for e in EMBODIMENTS if any(r["embodiment"] == e for r in rows)]
+        if not embodiments:
+            fail(f"{path} lists no episodes")
+    chosen = [r for r in rows if r["embodiment"] in embodiments]
+    empty = [e for e in embodiments if not any(r["embodiment"] == e for r in chosen)]
+    if empty:
+        fail(f"no episodes for embodiment(s) {empty} in {path}")
+    return manifest, hashlib.sha256(raw).hexdigest(), chosen, embodiments
+
+
+def split_holdout(rows: list, embodiments: list, fraction: float):
+    """Deterministic split: per embodiment, the ceil(fraction * n) episodes with the smallest sha256(path)
+    are held out (at least one when the embodiment has two or more episodes, never all)."""
+    train, held = [], {}
+    for emb in embodiments:
+        mine = sorted((r for r in rows if r["embodiment"] == emb),
+                      key=lambda r: hashlib.sha256(r["path"].encode()).hexdigest())
+        k = min(len(mine) - 1, max(1, math.ceil(fraction * len(mine)))) if fraction > 0 else 0
+        held[emb] = mine[:k]
+        train.extend(mine[k:])
+    return sorted(train, key=lambda r: r["path"]), held
+
+
+def load_episode(data_dir: Path, row: dict, max_frames: Optional[int] = None) -> dict:
+    """Read one episode, check its sha256 against the manifest, check shapes; actions zero-padded to 12."""
+    path = data_dir / row["path"]
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        fail(f"cannot read episode {path}: {e}")
+    if hashlib.sha256(raw).hexdigest() != row["sha256"]:
+        fail(f"episode {path} is corrupt: sha256 does not match the manifest")
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            image, action, is_first = z["image"], z["action"], z["is_first"]
+    except Exception as e:  # a file with the right hash but the wrong content is still a clear error
+        fail(f"episode {path} cannot be read as an episode .npz: {e}")
+    T1 = row["length"] + 1
+    adim = ACTION_DIMS[row["embodiment"]]
+    if image.dtype != np.uint8 or image.shape != (T1, 64, 64, 3):
+        fail(f"episode {path}: image must be uint8 [{T1}, 64, 64, 3], got {image.dtype} {list(image.shape)}")
+    if action.shape != (T1, adim) or is_first.shape != (T1,):
+        fail(f"episode {path}: action must be [{T1}, {adim}] and is_first [{T1}]")
+    n = T1 if max_frames is None else min(T1, max_frames)
+    padded = np.zeros((n, MAX_ACTION_DIM), np.float32)
+    padded[:, :adim] = action[:n]
+    return {"image": np.ascontiguousarray(image[:n]), "action": padded, "is_first": is_first[:n].astype(bool)}
+
+
+class EpisodePool:
+    """A bounded in-memory pool of episodes, refreshed continually from disk (Sec. 3.2 data: ~10M frames).
+
+    The pool holds `slots` episodes (slots * largest-episode bytes <= the memory cap). Every update,
+    `swaps_per_step` slots (on average, on a fixed schedule) are replaced by an episode drawn uniformly from
+    the training set, so in the long run every episode is equally present and sequences are sampled
+    uniformly across episodes. Which slot and episode is a function of the sampler's RNG only: a background
+    thread merely prefetches (reads, verifies, decompresses) the next scheduled episodes, so training is
+    deterministic and resumable. The pool's state (slot contents, queued episodes, RNG) goes in checkpoints.
+    """
+
+    PREFETCH = 4
+
+    def __init__(self, data_dir: Path, rows: list, seq_len: int, pool_mb: float, swaps_per_step: float,
+                 rng: np.random.Generator):
+        self.data_dir, self.rows, self.seq_len, self.rng = data_dir, rows, seq_len, rng
+        shortest = min(r["length"] for r in rows) + 1
+        if shortest < seq_len:
+            fail(f"--seq-len {seq_len} is longer than the shortest episode ({shortest} frames)")
+        ep_bytes = (max(r["length"] for r in rows) + 1) * (64 * 64 * 3 + 4 * MAX_ACTION_DIM + 1)
+        budget = int(pool_mb * 2**20) // ep_bytes  # episodes that fit under the cap
+        if budget >= len(rows):
+            self.slots = len(rows)
+        else:  # the prefetch queue holds up to PREFETCH more episodes: keep them under the cap too
+            self.slots = max(1, budget - self.PREFETCH)
+        self.full = self.slots == len(rows)  # everything fits: no refreshing needed
+        self.swaps_per_step = 0.0 if self.full else swaps_per_step
+        self.slot_ids: list = []
+        self.episodes: list = []
+        self.queue: list = []  # episode ids scheduled to enter the pool next, in order
+        self._cache: dict = {}  # id -> loaded episode or an exception (filled by the thread)
+        self._cond = threading.Condition()
+        self._thread = None
+        self._stop = False
+
+    # -- state --------------------------------------------------------------------------------------------
+    def fill(self, state: Optional[dict] = None):
+        """Load the initial pool (fresh: a uniform draw without replacement) or restore a saved one."""
+        if state is None:
+            self.slot_ids = [int(i) for i in self.rng.choice(len(self.rows), self.slots, replace=False)]
+            self.queue = [int(self.rng.integers(len(self.rows))) for _ in range(self.PREFETCH)]
+        else:
+            self.rng.bit_generator.state = state["rng"]
+            self.slot_ids, self.queue = list(state["slot_ids"]), list(state["queue"])
+        self.episodes = [load_episode(self.data_dir, self.rows[i]) for i in self.slot_ids]
+        if self.swaps_per_step > 0:
+            self._thread = threading.Thread(target=self._prefetch_loop, daemon=True)
+            self._thread.start()
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "slot_ids": list(self.slot_ids), "queue": list(self.queue)}
+
+    def close(self):
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+    # -- background prefetch ------------------------------------------------------------------------------
+    def _prefetch_loop(self):
+        while True:
+            with self._cond:
+                while not self._stop and all(i in self._cache for i in self.queue):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                todo = next(i for i in self.queue if i not in self._cache)
+            try:
+                ep = load_episode(self.data_dir, self.rows[todo])
+            except BaseException as e:  # handed to the training thread, which exits with the message
+                ep = e if isinstance(e, SystemExit) else SystemExit(
+                    f"{PROG}: error: loading {self.rows[todo]['path']} failed: {e!r}")
+            with self._cond:
+                self._cache[todo] = ep
+                self._cond.notify_all()
+
+    def _take(self, i: int):
+        with self._cond:
+            while i not in self._cache:
+                self._cond.wait()
+            ep = self._cache.pop(i) if self.queue.count(i) == 1 else self._cache[i]
+        if isinstance(ep, SystemExit):
+            raise ep
+        return ep
+
+    def refresh(self, step: int):
+        """Swap in the episodes scheduled for update `step` (floor((step+1)*r) - floor(step*r) of them)."""
+        r = self.swaps_per_step
+        for _ in range(int(math.floor((step + 1) * r)) - int(math.floor(step * r))):
+            ep_id = self.queue[0]
+            ep = self._take(ep_id)
+            slot = int(self.rng.integers(self.slots))
+            self.slot_ids[slot], self.episodes[slot] = ep_id, ep
+            with self._cond:
+                self.queue = self.queue[1:] + [int(self.rng.integers(len(self.rows)))]
+                self._cond.notify_all()
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    def sample(self, batch_size: int) -> dict:
+        """batch_size windows of seq_len frames: episode uniform over the pool, start uniform in the episode."""
+        L = self.seq_len
+        out = {"image": np.empty((batch_size, L, 64, 64, 3), np.uint8),
+               "action": np.empty((batch_size, L, MAX_ACTION_DIM), np.float32),
+               "is_first": np.empty((batch_size, L), bool)}
+        for b in range(batch_size):
+            ep = self.episodes[int(self.rng.integers(self.slots))]
+            t0 = int(self.rng.integers(len(ep["image"]) - L + 1))
+            for k in out:
+                out[k][b] = ep[k][t0 : t0 + L]
+        out["is_first"][:, 0] = True  # every window starts from a fresh state
+        return out
+
+
+# ==== shared model classes: identical copies live in finetune_gsa.py (and ModelConfig/Encoder in retrieval.py); tests keep them in sync ====
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the world model; saved in every checkpoint as `model_config`."""
+
+    image_size: int = 64
+    """height = width of the square RGB frames"""
+    cnn_depth: int = 32
+    """d: encoder channels [d, 2d, 4d, 8d], decoder the reverse"""
+    deter: int = 512
+    """size of the deterministic (GRU) state h"""
+    hidden: int = 512
+    """width of the RSSM's MLP layers (img_in, img_out, obs_out)"""
+    stoch: int = 32
+    """number of categorical latent variables in z"""
+    classes: int = 32
+    """classes per categorical latent"""
+    blocks: int = 1
+    """blocks of the block-diagonal GRU (DreamerV3 uses 8 at large sizes); 1 = dense GRU"""
+    act_dim: int = 12
+    """actions are zero-padded to this many dims (largest embodiment, quadruped)"""
+    unimix: float = 0.01
+    """uniform mix in every categorical (DreamerV3: 1%)"""
+
+
+def _trunc_normal_init(module: nn.Module) -> None:
+    """DreamerV3's default initialiser: truncated normal with variance 1 / fan_avg, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, BlockLinear)):
+            w = m.weight
+            if isinstance(m, BlockLinear):
+                fan_in, fan_out = w.shape[1], w.shape[2]
+            elif isinstance(m, nn.Linear):
+                fan_in, fan_out = w.shape[1], w.shape[0]
+            else:  # conv: [out, in, k, k] (transposed conv: [in, out, k, k])
+                k = w.shape[2] * w.shape[3]
+                fan_in, fan_out = w.shape[1] * k, w.shape[0] * k
+            std = math.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566103423978
+            if w.device.type != "meta":
+                nn.init.trunc_normal_(w, 0.0, std, -2.0 * std, 2.0 * std)
+            if m.bias is not None and m.bias.device.type != "meta":
+                nn.init.zeros_(m.bias)
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear layer: `blocks` independent [in/blocks -> out/blocks] maps (DreamerV3 GRU)."""
+
+    def __init__(self, in_features: int, out_features: int, blocks: int, bias: bool = True):
+        super().__init__()
+        assert in_features % blocks == 0 and out_features % blocks == 0, (in_features, out_features, blocks)
+        self.blocks, self.in_features, self.out_features = blocks, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(blocks, in_features // blocks, out_features // blocks))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if self.blocks == 1:
+            y = x @ self.weight[0]
+        else:  # [N, g, i] -> [g, N, i] @ [g, i, o] -> [N, g*o]
+            x = x.view(-1, self.blocks, self.in_features // self.blocks).transpose(0, 1)
+            y = torch.bmm(x, self.weight).transpose(0, 1).reshape(-1, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channel dim of an NCHW tensor (DreamerV3 normalises channels per pixel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Encoder(nn.Module):
+    """4 stride-2 convs (kernel 4), channels [d, 2d, 4d, 8d], channel LayerNorm + SiLU, flattened."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.cnn_depth
+        chans = [3, d, 2 * d, 4 * d, 8 * d]
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 4, 2, 1, bias=False) for i in range(4))
+        self.norms = nn.ModuleList(ChannelNorm(chans[i + 1], eps=1e-3) for i in range(4))
+        self.out_dim = 8 * d * (cfg.image_size // 16) ** 2
+        _trunc_normal_init(self)
+        self.to(memory_format=torch.channels_last)  # NHWC convs: ~25% faster on CPU (oneDNN), fine on GPU
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image uint8 [..., H, W, 3] -> embed [..., out_dim]."""
+        lead = image.shape[:-3]
+        x = image.reshape(-1, *image.shape[-3:]).float() / 255.0 - 0.5
+        x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory, i.e. channels_last: no copy
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.silu(norm(conv(x)))
+        return x.reshape(*lead, self.out_dim)
+
+
+class Decoder(nn.Module):
+    """(h, z) -> 4x4x8d (h through a block-diagonal map, z through a dense one) -> transposed convs -> image."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, self.res = cfg.cnn_depth, cfg.image_size // 16
+        self.deter, self.chan0 = cfg.deter, 8 * d
+        self.space_deter = BlockLinear(cfg.deter, 8 * d * self.res**2, cfg.blocks, bias=False)
+        self.space_stoch = nn.Linear(cfg.stoch * cfg.classes, 8 * d * self.res**2, bias=False)
+        self.space_norm = ChannelNorm(8 * d, eps=1e-3)
+        chans = [8 * d, 4 * d, 2 * d, d, 3]
+        self.deconvs = nn.ModuleList(
+            nn.ConvTranspose2d(chans[i], chans[i + 1], 4, 2, 1, bias=(i == 3)) for i in range(4))
+        self.norms = nn.ModuleList(ChannelNorm(chans[i + 1], eps=1e-3) for i in range(3))
+        _trunc_normal_init(self)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """feat [..., deter + stoch*classes] -> image mean [..., H, W, 3] in the scale image/255 - 0.5."""
+        lead = feat.shape[:-1]
+        feat = feat.reshape(-1, feat.shape[-1])
+        x = self.space_deter(feat[:, : self.deter]) + self.space_stoch(feat[:, self.deter :])
+        x = x.view(-1, self.chan0, self.res, self.res).contiguous(memory_format=torch.channels_last)
+        x = F.silu(self.space_norm(x))
+        for i, deconv in enumerate(self.deconvs):
+            x = deconv(x)
+            if i < 3:
+                x = F.silu(self.norms[i](x))
+        x = x.permute(0, 2, 3, 1)
+        return x.reshape(*lead, *x.shape[1:])
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model (DreamerV3). State: h (deter) and z (stoch, one-hot [S, C]) + logits.
+
+    Sequence model h_t = f(h_{t-1}, z_{t-1}, a_t) (block GRU); prior p(z_t | h_t); posterior q(z_t | h_t, e_t).
+    Action convention: a_t led to image t; where is_first, state and action are zeroed.
+    """
+
+    def __init__(self, cfg: ModelConfig, embed_dim: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        D, H, S, C, g = cfg.deter, cfg.hidden, cfg.stoch, cfg.classes, cfg.blocks
+        embed_dim = 8 * cfg.cnn_depth * (cfg.image_size // 16) ** 2 if embed_dim is None else embed_dim
+        assert D % g == 0, "deter must be divisible by blocks"
+        # Sequence model inputs, each Linear + LayerNorm + SiLU (img_in).
+        self.img_in_deter = nn.Linear(D, H, bias=False)
+        self.img_in_stoch = nn.Linear(S * C, H, bias=False)
+        self.img_in_action = nn.Linear(cfg.act_dim, H, bias=False)
+        self.img_in_norms = nn.ModuleList(nn.LayerNorm(H, eps=1e-3) for _ in range(3))
+        # Block GRU: every block sees its slice of h and all inputs; one hidden layer then the gates.
+        self.gru_hidden = BlockLinear(g * (D // g + 3 * H), D, g, bias=False)
+        self.gru_hidden_norm = nn.LayerNorm(D, eps=1e-3)
+        self.gru_gates = BlockLinear(D, 3 * D, g, bias=False)
+        self.gru_gates_norm = nn.LayerNorm(3 * D, eps=1e-3)
+        # Prior p(z | h) (img_out) and posterior q(z | h, e) (obs_out, split so e's part is batched over T).
+        self.img_out = nn.Linear(D, H, bias=False)
+        self.img_out_norm = nn.LayerNorm(H, eps=1e-3)
+        self.img_logits = nn.Linear(H, S * C)
+        self.obs_out_deter = nn.Linear(D, H, bias=False)
+        self.obs_out_embed = nn.Linear(embed_dim, H, bias=False)
+        self.obs_out_norm = nn.LayerNorm(H, eps=1e-3)
+        self.obs_logits = nn.Linear(H, S * C)
+        _trunc_normal_init(self)
+
+    # -- state helpers -------------------------------------------------------------------------------------
+    def initial(self, batch_size: int) -> dict:
+        cfg, p = self.cfg, self.img_logits.weight
+        zeros = lambda *s: torch.zeros(batch_size, *s, device=p.device, dtype=torch.float32)  # noqa: E731
+        return {"deter": zeros(cfg.deter), "stoch": zeros(cfg.stoch, cfg.classes),
+                "logits": zeros(cfg.stoch, cfg.classes)}
+
+    def get_feat(self, state: dict) -> torch.Tensor:
+        stoch = state["stoch"]
+        return torch.cat([state["deter"], stoch.reshape(*stoch.shape[:-2], -1)], -1)
+
+    def _logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw [..., S*C] -> log-probs [..., S, C] of the categoricals mixed with 1% uniform (DreamerV3)."""
+        raw = raw.float().reshape(*raw.shape[:-1], self.cfg.stoch, self.cfg.classes)
+        probs = torch.softmax(raw, -1)
+        if self.cfg.unimix > 0:
+            probs = (1.0 - self.cfg.unimix) * probs + self.cfg.unimix / self.cfg.classes
+        return torch.log(probs)
+
+    @staticmethod
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        """One-hot sample with straight-through gradients (forward: one-hot; backward: d/dprobs)."""
+        probs = logits.exp()
+        u = torch.rand_like(logits).clamp_(1e-20, 1.0)
+        index = (logits - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max = a categorical sample
+        onehot = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
+        return onehot + probs - probs.detach()
+
+    # -- transitions -----------------------------------------------------------------------------------
+    def _core(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor) -> torch.Tensor:
+        """h_t = f(h_{t-1}, z_{t-1}, a_t); action_in is img_in_action's output (precomputable over T)."""
+        g, D = self.cfg.blocks, self.cfg.deter
+        x0 = F.silu(self.img_in_norms[0](self.img_in_deter(deter)))
+        x1 = F.silu(self.img_in_norms[1](self.img_in_stoch(stoch.reshape(stoch.shape[0], -1))))
+        x = torch.cat([x0, x1, action_in], -1)
+        if g == 1:
+            x = torch.cat([deter, x], -1)
+        else:
+            x = x.unsqueeze(1).expand(-1, g, -1)
+            x = torch.cat([deter.view(-1, g, D // g), x], -1).reshape(deter.shape[0], -1)
+        x = F.silu(self.gru_hidden_norm(self.gru_hidden(x)))
+        x = self.gru_gates_norm(self.gru_gates(x))
+        x = x.view(-1, g, 3, D // g)  # per block: [reset | candidate | update]
+        reset, cand, update = (x[:, :, i].reshape(-1, D) for i in range(3))
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1.0)
+        return update * cand + (1.0 - update) * deter
+
+    def _action_in(self, action: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.img_in_norms[2](self.img_in_action(action)))
+
+    def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
+        """Dynamics predictor p(z_t | h_t): log-probs [..., S, C]."""
+        return self._logits(self.img_logits(F.silu(self.img_out_norm(self.img_out(deter)))))
+
+    def img_step(self, prev_state: dict, prev_action: torch.Tensor) -> dict:
+        deter = self._core(prev_state["deter"], prev_state["stoch"], self._action_in(prev_action))
+        logits = self.prior_logits(deter)
+        return {"deter": deter, "stoch": self.sample(logits), "logits": logits}
+
+    @staticmethod
+    def _reset(state: dict, action: torch.Tensor, is_first: torch.Tensor):
+        keep = (~is_first.bool()).to(action.dtype).unsqueeze(-1)
+        state = {"deter": state["deter"] * keep, "stoch": state["stoch"] * keep.unsqueeze(-1),
+                 "logits": state["logits"] * keep.unsqueeze(-1)}
+        return state, action * keep
+
+    def _post(self, deter: torch.Tensor, embed_proj: torch.Tensor) -> dict:
+        x = F.silu(self.obs_out_norm(self.obs_out_deter(deter) + embed_proj))
+        logits = self._logits(self.obs_logits(x))
+        return {"deter": deter, "stoch": self.sample(logits), "logits": logits}
+
+    def obs_step(self, prev_state: dict, prev_action: torch.Tensor, embed: torch.Tensor,
+                 is_first: torch.Tensor):
+        """One filtering step -> (posterior, prior) for time t (prev_action = a_t, embed = e_t)."""
+        prev_state, prev_action = self._reset(prev_state, prev_action, is_first)
+        prior = self.img_step(prev_state, prev_action)
+        post = self._post(prior["deter"], self.obs_out_embed(embed))
+        return post, prior
+
+    def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
+                state: dict | None = None):
+        """Filter a batch of sequences: embed [B, T, E], action [B, T, A], is_first [B, T] -> (post, prior)."""
+        B, T = embed.shape[:2]
+        state = self.initial(B) if state is None else state
+        keep = (~is_first.bool()).to(embed.dtype)
+        # Everything that does not depend on the recurrent state is batched over T (one big matmul each).
+        action_in = self._action_in(action * keep.unsqueeze(-1))
+        embed_proj = self.obs_out_embed(embed)
+        posts = []
+        for t in range(T):
+            k = keep[:, t, None]
+            deter = self._core(state["deter"] * k, state["stoch"] * k.unsqueeze(-1), action_in[:, t])
+            state = self._post(deter, embed_proj[:, t])
+            posts.append(state)
+        post = {key: torch.stack([p[key] for p in posts], 1) for key in posts[0]}
+        prior_logits = self.prior_logits(post["deter"])  # the prior shares h_t with the posterior
+        prior = {"deter": post["deter"], "stoch": self.sample(prior_logits), "logits": prior_logits}
+        return post, prior
+
+    def imagine(self, policy_fn, start_state: dict, horizon: int) -> dict:
+        """Roll the prior forward from start_state ([N, ...]) with actions policy_fn(feat) -> [H+1, N, ...]."""
+        states = [start_state]
+        for _ in range(horizon):
+            action = policy_fn(self.get_feat(states[-1]))
+            states.append(self.img_step(states[-1], action))
+        return {key: torch.stack([s[key] for s in states], 0) for key in ("deter", "stoch", "logits")}
+
+    @staticmethod
+    def kl_loss(post: dict, prior: dict, free: float = 1.0, dyn_scale: float = 1.0, rep_scale: float = 0.1):
+        """Balanced KL with free bits (DreamerV3):
+        dyn_scale * max(free, KL[sg(q) || p]) + rep_scale * max(free, KL[q || sg(p)]), KL summed over latents.
+        Returns (loss [B, T], dyn_kl [B, T], rep_kl [B, T])."""
+        def kl(lq, lp):
+            lq, lp = torch.log_softmax(lq.float(), -1), torch.log_softmax(lp.float(), -1)
+            return (lq.exp() * (lq - lp)).sum((-2, -1))
+
+        dyn = kl(post["logits"].detach(), prior["logits"])
+        rep = kl(post["logits"], prior["logits"].detach())
+        loss = dyn_scale * torch.clamp(dyn, min=free) + rep_scale * torch.clamp(rep, min=free)
+        return loss, dyn, rep
+
+
+class WorldModel(nn.Module):
+    """Encoder + RSSM + decoder. No reward, continuation, task or embodiment heads in pre-training."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.rssm = RSSM(cfg, self.encoder.out_dim)
+        self.decoder = Decoder(cfg)
+
+    def loss(self, image: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor, dyn_scale: float = 1.0,
+             rep_scale: float = 0.1, free: float = 1.0):
+        """Eq. 1 without the task terms: image reconstruction (squared error summed over pixels) plus the
+        balanced KL with free bits, averaged over batch and time (as DreamerV3's implementation does).
+        image uint8 [B, T, H, W, 3], action [B, T, act_dim] (zero-padded), is_first bool [B, T].
+        Returns (loss scalar, metrics dict of detached scalar tensors, posterior states)."""
+        embed = self.encoder(image)
+        post, prior = self.rssm.observe(embed, action, is_first)
+        recon = self.decoder(self.rssm.get_feat(post))
+        target = image.float() / 255.0 - 0.5
+        recon_loss = (recon.float() - target).square().sum((-3, -2, -1))  # [B, T]
+        kl, dyn, rep = self.rssm.kl_loss(post, prior, free, dyn_scale, rep_scale)
+        loss = (recon_loss + kl).mean()
+        with torch.no_grad():
+            ent = lambda lg: -(lg.exp() * lg).sum((-2, -1)).mean()  # noqa: E731
+            metrics = {"loss": loss.detach(), "recon_loss": recon_loss.mean().detach(),
+                       "image_mse": recon_loss.mean().detach() / target[0, 0].numel(),
+                       "kl_dyn": dyn.mean().detach(), "kl_rep": rep.mean().detach(),
+                       "post_ent": ent(post["logits"].detach()), "prior_ent": ent(prior["logits"].detach())}
+        return loss, metrics, post
+# ==== end shared model classes ====
+
+
+# Named sizes (`--size`): ModelConfig fields plus the batch shape. Same names and world-model fields in
+# finetune_gsa.py (tested). `paper` is the release's large config (~280M parameters, GPU only).
+SIZES = {
+    "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, blocks=2, batch_size=4, seq_len=8),
+    "xs": dict(cnn_depth=16, deter=256, hidden=256, stoch=16, classes=16, blocks=1, batch_size=8, seq_len=32),
+    "s": dict(cnn_depth=32, deter=512, hidden=512, stoch=32, classes=32, blocks=1, batch_size=16, seq_len=64),
+    "paper": dict(cnn_depth=96, deter=12288, hidden=1536, stoch=32, classes=96, blocks=8, batch_size=32,
+                  seq_len=64),
+}
+
+
+def tune_cpu_malloc() -> bool:
+    """Keep freed memory in the process (glibc): by default every large tensor is a fresh mmap whose pages
+    are zero-faulted on first touch, which made element-wise ops on CNN feature maps ~5x slower than the
+    arithmetic. Setting the mmap threshold to 1 GiB and never trimming the heap removes that cost."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (e.g. musl): harmless to skip
+        return False
+
+
+def size_config(size: str) -> ModelConfig:
+    return ModelConfig(**{k: v for k, v in SIZES[size].items() if k not in ("batch_size", "seq_len")})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One update, open-loop evaluation
+# ---------------------------------------------------------------------------------------------------------
+class _LossModule(nn.Module):
+    """DDP synchronises gradients of what runs inside forward(); this routes forward() to WorldModel.loss."""
+
+    def __init__(self, world_model: WorldModel):
+        super().__init__()
+        self.world_model = world_model
+
+    def forward(self, image, action, is_first, dyn_scale, rep_scale, free):
+        return self.world_model.loss(image, action, is_first, dyn_scale, rep_scale, free)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(world_model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
+               autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """One world-model update on a batch {image uint8 [B,T,64,64,3], action [B,T,12], is_first [B,T]}.
+    world_model: a WorldModel, or its _LossModule wrapped in DDP. Returns metrics (detached tensors)."""
+    device = batch["image"].device
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        if isinstance(world_model, WorldModel):
+            loss, metrics, _ = world_model.loss(batch["image"], batch["action"], batch["is_first"],
+                                                args.dyn_scale, args.rep_scale, args.free_nats)
+        else:
+            loss, metrics, _ = world_model(batch["image"], batch["action"], batch["is_first"],
+                                           args.dyn_scale, args.rep_scale, args.free_nats)
+    if not bool(torch.isfinite(loss)):
+        metrics["nonfinite"] = True
+        return metrics
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    optimizer.step()
+    return metrics
+
+
+@torch.no_grad()
+def openloop_eval(world_model: WorldModel, clips: dict, device: torch.device, context: int = 5):
+    """Per embodiment: observe `context` frames, then imagine the rest with the true actions.
+    Returns ({embodiment: open-loop MSE per pixel in [0, 1] scale}, {embodiment: video frames uint8})."""
+    results, videos = {}, {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)  # evaluation never moves the training RNG (resume stays exact)
+        for emb, batch in clips.items():
+            b = to_device(batch, device)
+            image, action, is_first = b["image"], b["action"], b["is_first"]
+            embed = world_model.encoder(image[:, :context])
+            post, _ = world_model.rssm.observe(embed, action[:, :context], is_first[:, :context])
+            state = {k: v[:, -1] for k, v in post.items()}
+            feats = [world_model.rssm.get_feat(post)]
+            preds = []
+            for t in range(context, image.shape[1]):
+                state = world_model.rssm.img_step(state, action[:, t])
+                preds.append(world_model.rssm.get_feat(state))
+            feats.append(torch.stack(preds, 1))
+            model = world_model.decoder(torch.cat(feats, 1)).float().add(0.5).clamp(0, 1)
+            truth = image.float() / 255.0
+            results[emb] = float((model[:, context:] - truth[:, context:]).square().mean())
+            # video: rows = clips, each row [truth | model]; frames over time
+            frames = torch.cat([truth, model], 3)  # [B, T, H, 2W, 3]
+            frames = frames.permute(1, 0, 2, 3, 4).reshape(frames.shape[1], -1, frames.shape[3], 3)
+            videos[emb] = (frames * 255).round().to(torch.uint8).cpu().numpy()
+    return results, videos
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint and artifact I/O
+# ---------------------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes):
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path):
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device: torch.device) -> dict:
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device):
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _py(obj):
+    """Python's random state arrives as lists after a weights_only round trip; make them tuples again."""
+    if isinstance(obj, list):
+        return tuple(_py(x) for x in obj)
+    return obj
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot load checkpoint {path}: {e}")
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION \
+            or ckpt.get("script") != PROG:
+        fail(f"{path} is not a {PROG} checkpoint of format version {CHECKPOINT_FORMAT_VERSION}")
+    return ckpt
+
+
+def trim_metrics(path: Path, last_step: int):
+    """On resume, drop metric lines written after the checkpoint we continue from (they will be redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break  # a torn last line from a kill
+    atomic_write_bytes(path, "".join(x + "\n" for x in keep).encode())
+
+
+def write_video(path: Path, frames: np.ndarray):
+    import imageio.v2 as imageio
+
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    imageio.mimsave(tmp, list(frames), duration=100, loop=0)
+    os.replace(tmp, path)
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------
+def main(args: Args):
+    # -- distributed set-up (torchrun sets these variables) ------------------------------------------------
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if not use_cuda:
+        tune_cpu_malloc()
+    is_main = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+
+    # -- validate everything before writing anything ------------------------------------------------------
+    if args.steps < 0 or args.log_every < 1 or args.checkpoint_every < 1 or args.eval_every < 1:
+        fail("--steps must be >= 0 and --log-every/--checkpoint-every/--eval-every >= 1")
+    if not 0 <= args.holdout_fraction < 1 or args.pool_swaps_per_step < 0 or args.pool_mb <= 0:
+        fail("need 0 <= --holdout-fraction < 1, --pool-swaps-per-step >= 0, --pool-mb > 0")
+    embodiments = parse_embodiments(args.embodiments)
+    data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
+    cfg = size_config(args.size)
+    batch_size = args.batch_size or SIZES[args.size]["batch_size"]
+    seq_len = args.seq_len or SIZES[args.size]["seq_len"]
+    if args.openloop_len <= 5:
+        fail("--openloop-len must exceed the 5 context frames")
+    _, manifest_sha, rows, embodiments = load_manifest(data_dir, embodiments)
+    ckpt_path = out_dir / "wm.pt"
+    ckpt = None
+    if ckpt_path.exists():
+        if not args.resume:
+            fail(f"{ckpt_path} exists; pass --resume to continue that run or choose another --out-dir")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["manifest_sha256"] != manifest_sha:
+            fail(f"{data_dir}/manifest.json differs from the one {ckpt_path} was trained on "
+                 f"(sha256 {manifest_sha[:12]} vs {ckpt['manifest_sha256'][:12]})")
+        diff = [k for k in RUN_DEFINING if ckpt["args"].get(k) != getattr(args, k)]
+        if diff:
+            old_args = ckpt["args"]
+            changes = ", ".join(f"--{k.replace('_', '-')} {old_args.get(k)!r} -> {getattr(args, k)!r}" for k in diff)
+            fail(f"cannot resume {ckpt_path}: run-defining args differ: {changes}")
+        if ckpt["model_config"] != asdict(cfg) or ckpt["embodiments"] != embodiments:
+            fail(f"{ckpt_path} was written with a different model config or embodiment list")
+    train_rows, held_rows = split_holdout(rows, embodiments, args.holdout_fraction)
+
+    # -- seeding, data (corrupt files fail here, still before any output) ----------------------------------
+    random.seed(args.seed + rank)
+    np.random.seed((args.seed + rank) % 2**32)
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    pool = EpisodePool(data_dir, train_rows, seq_len, args.pool_mb, args.pool_swaps_per_step,
+                       np.random.default_rng([args.seed, rank]))
+    clips = {}
+    for emb in embodiments:  # open-loop clips: held-out episodes (a training one if an embodiment has one)
+        src = held_rows[emb] or [r for r in train_rows if r["embodiment"] == emb][:1]
+        eps = [load_episode(data_dir, r, args.openloop_len) for r in src[: args.eval_episodes]]
+        n = min(len(e["image"]) for e in eps)
+        if n <= 5:
+            fail(f"{emb} episodes are too short for open-loop evaluation")
+        clips[emb] = {k: np.stack([e[k][:n] for e in eps]) for k in ("image", "action", "is_first")}
+    pool_state = None
+    if ckpt is not None:
+        ranks = ckpt["rng"].get("ranks", [])
+        if len(ranks) == world_size:
+            pool_state = ranks[rank]["pool"]
+    pool.fill(pool_state)
+
+    # -- model and optimiser --------------------------------------------------------------------------------
+    world_model = WorldModel(cfg).to(device)
+    n_params = sum(p.numel() for p in world_model.parameters())
+    optimizer = torch.optim.Adam(world_model.parameters(), lr=args.lr, eps=args.adam_eps,
+                                 weight_decay=args.weight_decay, fused=True)  # fused: one kernel, CPU and GPU
+    step = 0
+    if ckpt is not None:
+        world_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        ranks = ckpt["rng"].get("ranks", [])
+        if len(ranks) == world_size:
+            r = ranks[rank]
+            set_rng_state({"python": _py(r["python"]), "numpy": r["numpy"], "torch": r["torch"],
+                           **({"cuda": r["cuda"]} if "cuda" in r else {})}, device)
+        else:
+            log(f"note: resuming with {world_size} processes from a {len(ranks)}-process checkpoint; "
+                f"data sampling is re-seeded")
+            torch.manual_seed(args.seed + 7919 * (step + rank))
+    else:
+        torch.manual_seed(args.seed + rank)  # latent sampling differs across ranks
+    model = world_model
+    if world_size > 1:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        model = torch.nn.parallel.DistributedDataParallel(_LossModule(world_model),
+                                                          device_ids=[local_rank] if use_cuda else None)
+    autocast_dtype = torch.bfloat16 if (use_cuda and args.bf16) else None
+
+    # -- outputs (rank 0 only) -------------------------------------------------------------------------------
+    writer = None
+    if is_main:
+        (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "args.json", json.dumps(asdict(args), indent=2).encode())
+        if ckpt is not None:
+            trim_metrics(out_dir / "metrics.jsonl", step)
+        elif (out_dir / "metrics.jsonl").exists():
+            (out_dir / "metrics.jsonl").unlink()  # left by a run killed before its first checkpoint
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
+    log(f"{PROG}: {args.size} world model, {n_params / 1e6:.2f}M parameters; embodiments {embodiments}; "
+        f"{len(train_rows)} train / {sum(len(v) for v in held_rows.values())} held-out episodes; pool "
+        f"{pool.slots} episodes; batch {batch_size} x {seq_len} x {world_size} process(es); device {device}; "
+        f"step {step}/{args.steps}")
+
+    def save_checkpoint():
+        states = {**rng_state(device), "pool": pool.state()}
+        if world_size > 1:
+            gathered = [None] * world_size
+            torch.distributed.all_gather_object(gathered, states)
+        else:
+            gathered = [states]
+        if is_main:
+            atomic_torch_save({
+                "format_version": CHECKPOINT_FORMAT_VERSION, "script": PROG, "args": asdict(args),
+                "model_config": asdict(cfg), "model": world_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step, "rng": {"ranks": gathered},
+                "embodiments": embodiments, "manifest_sha256": manifest_sha}, ckpt_path)
+
+    def evaluate():
+        if not is_main:
+            return
+        world_model.eval()
+        mse, videos = openloop_eval(world_model, clips, device)
+        world_model.train()
+        for emb, frames in videos.items():
+            write_video(out_dir / "videos" / f"openloop-{emb}-{step:08d}.gif", frames)
+        record = {"step": step, **{f"openloop_mse/{e}": v for e, v in mse.items()}}
+        for k, v in record.items():
+            if k != "step":
+                writer.add_scalar(k, v, step)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        log(f"step {step}: open-loop MSE " + ", ".join(f"{e} {v:.5f}" for e, v in mse.items()))
+
+    # -- training loop --------------------------------------------------------------------------------------
+    sums, n_sum = {}, 0
+    t_last, step_last, t_start = time.perf_counter(), step, time.perf_counter()
+    try:
+        while step < args.steps:
+            pool.refresh(step)
+            batch = to_device(pool.sample(batch_size), device)
+            metrics = train_step(model, optimizer, batch, args, autocast_dtype)
+            if metrics.pop("nonfinite", False):
+                fail(f"non-finite loss at update {step + 1} ({float(metrics['loss'])}); the last good "
+                     f"checkpoint {ckpt_path} is kept")
+            step += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_sum += 1
+            if step % args.log_every == 0 or step == args.steps:
+                now = time.perf_counter()
+                rate = (step - step_last) / max(now - t_last, 1e-9)
+                record = {"step": step, **{k: v / n_sum for k, v in sums.items()},
+                          "steps_per_s": rate, "wall_time": now - t_start, "max_rss_mb": max_rss_mb()}
+                sums, n_sum, t_last, step_last = {}, 0, now, step
+                if is_main:
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step)
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    eta = (args.steps - step) / max(rate, 1e-9)
+                    log(f"step {step}/{args.steps} loss {record['loss']:.2f} recon {record['recon_loss']:.2f} "
+                        f"kl {record['kl_dyn']:.3f} | {rate:.2f} steps/s, ETA {eta / 60:.1f} min, "
+                        f"rss {record['max_rss_mb']:.0f} MB")
+            if step < args.steps and (step % args.checkpoint_every == 0 or step % args.eval_every == 0):
+                t_pause = time.perf_counter()
+                if step % args.checkpoint_every == 0:
+                    save_checkpoint()
+                if step % args.eval_every == 0:
+                    evaluate()
+                t_last += time.perf_counter() - t_pause  # steps/s counts training time only
+        save_checkpoint()
+        evaluate()
+    finally:
+        pool.close()
+        if is_main:
+            metrics_file.close()
+            writer.close()
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    log(f"{PROG}: done, {step} updates; checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,717 @@
+"""Retrieval of task-relevant offline episodes for experience rehearsal (GSA paper Sec. 3.3, Eq. 4).
+
+`build` encodes the first frame of every offline episode with the encoder of a pre-trained world model and
+stores the features in a Faiss index (exact L2 by default, as released; IVF as an approximate option for
+very large datasets). `query` encodes the first frames of a task's env resets and returns the k nearest
+episodes (score of an episode = min L2 distance over the query frames), optionally only those whose action
+dim matches the task's: this is the retrieved set D_r that fine-tuning rehearses and clones its prior from.
+
+Reads:  build: <checkpoint> (pretrain_wm.py's wm.pt; only its `encoder.*` weights), <data-dir>/manifest.json
+        and the first frame of every episode .npz it lists (sha256 checked against the manifest).
+        query: <index-dir>/index.faiss + index.json, the same checkpoint (sha256 checked), and for the grid
+        image the first frames of the retrieved episodes from the data dir recorded at build time.
+Writes: build: <out-dir>/index.faiss (faiss.write_index) and <out-dir>/index.json (rows, hashes, settings).
+        query: <out> (default <index-dir>/query-<task>.png): query frames beside the retrieved first frames
+        (green border: same embodiment as the task, red: other), and <out> with suffix .json: the results.
+
+Examples:
+    python retrieval.py build --checkpoint runs/wm/wm.pt --data-dir data --out-dir runs/index
+    python retrieval.py query --index-dir runs/index --task walker-run --k 500
+    python retrieval.py query --index-dir runs/index --query-images frames.npy --k 100 --action-dim 6
+"""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede mujoco / dm_control imports
+
+import hashlib
+import io
+import json
+import math
+import time
+import zipfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+import faiss
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+PROG = "retrieval.py"
+FORMAT_VERSION = 1
+INDEX_FILE, META_FILE = "index.faiss", "index.json"
+EMBODIMENTS = ("cartpole", "acrobot", "walker", "cheetah", "quadruped", "sawyer")
+ACTION_DIMS = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
+# The 22 DMControl tasks of the paper and the 50 Meta-World v3 tasks (DESIGN.md §2).
+DMC_TASKS = (
+    "cartpole-balance",
+    "acrobot-swingup", "acrobot-swingup-sparse", "acrobot-swingup-hard",
+    "walker-stand", "walker-walk", "walker-run", "walker-backflip", "walker-walk-backwards",
+    "walker-walk-hard", "walker-run-backwards",
+    "cheetah-run", "cheetah-run-front", "cheetah-run-back", "cheetah-run-backwards", "cheetah-jump",
+    "quadruped-walk", "quadruped-stand", "quadruped-run", "quadruped-jump", "quadruped-roll",
+    "quadruped-roll-fast",
+)
+MW_TASKS = (
+    "assembly", "basketball", "bin-picking", "box-close", "button-press", "button-press-topdown",
+    "button-press-topdown-wall", "button-press-wall", "coffee-button", "coffee-pull", "coffee-push",
+    "dial-turn", "disassemble", "door-close", "door-lock", "door-open", "door-unlock", "drawer-close",
+    "drawer-open", "faucet-open", "faucet-close", "hammer", "hand-insert", "handle-press-side",
+    "handle-press", "handle-pull-side", "handle-pull", "lever-pull", "peg-insert-side", "peg-unplug-side",
+    "pick-out-of-hole", "pick-place-wall", "pick-place", "plate-slide-back-side", "plate-slide-back",
+    "plate-slide-side", "plate-slide", "push-back", "push-wall", "push", "reach", "reach-wall",
+    "shelf-place", "soccer", "stick-push", "stick-pull", "sweep-into", "sweep", "window-close",
+    "window-open",
+)
+TASK_NAMES = DMC_TASKS + tuple(f"mw-{name}" for name in MW_TASKS)
+# Stock dm_control task whose reset looks like the custom task's (same body, same initial-state sampler).
+DMC_STOCK_TASK = {"cartpole": "balance", "acrobot": "swingup", "walker": "walk", "cheetah": "run",
+                  "quadruped": "walk"}
+MW_CAMERA, MW_CAMERA_POS = "corner2", (0.75, 0.075, 0.7)  # corner2 moved closer, as released
+
+
+@dataclass
+class BuildArgs:
+    """Encode the first frame of every offline episode and write a Faiss index + JSON sidecar."""
+
+    out_dir: str
+    """index directory to write (index.faiss and index.json)"""
+    checkpoint: str
+    """pre-trained world-model checkpoint (pretrain_wm.py's wm.pt); only its encoder is used"""
+    data_dir: str
+    """offline data directory (collect_offline.py's manifest.json and episode files)"""
+    seed: int = 1
+    """seed of the k-means that trains an IVF index (a flat index involves no randomness)"""
+    device: str = "auto"
+    """torch device of the encoder: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    threads: Optional[int] = None
+    """torch and Faiss CPU threads (default: the libraries' choice); set it when other processes share the cores"""
+    index_type: Literal["flat", "ivf"] = "flat"
+    """flat: exact L2 search (IndexFlatL2, as released); ivf: approximate, for very large datasets"""
+    nlist: int = 0
+    """IVF clusters (0: round(sqrt(episodes))); only with --index-type ivf"""
+    nprobe: int = 16
+    """IVF clusters visited per query, stored in the index; only with --index-type ivf"""
+    batch_size: int = 64
+    """first frames encoded per forward pass"""
+    overwrite: bool = False
+    """replace an existing index in --out-dir (it stays intact if the build fails)"""
+
+
+@dataclass
+class QueryArgs:
+    """Return the k offline episodes nearest to a task's reset frames (Eq. 4); print and draw them."""
+
+    index_dir: str
+    """index directory written by `retrieval.py build`"""
+    task: Optional[str] = None
+    """fine-tuning task (e.g. walker-run, mw-shelf-place): query frames are its env resets"""
+    query_images: Optional[str] = None
+    """instead of --task: a .npy file of uint8 query frames [Q, H, W, 3] (or one frame [H, W, 3])"""
+    k: int = 500
+    """number of episodes to retrieve (release: 500)"""
+    seed: int = 0
+    """seed of the env whose resets give the query frames"""
+    device: str = "auto"
+    """torch device of the encoder: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    threads: Optional[int] = None
+    """torch and Faiss CPU threads (default: the libraries' choice); set it when other processes share the cores"""
+    checkpoint: Optional[str] = None
+    """encoder checkpoint (default: the one recorded at build time); its sha256 must match the index's"""
+    data_dir: Optional[str] = None
+    """offline data for the grid image (default: the one recorded at build time; its manifest must match)"""
+    num_resets: int = 10
+    """env resets whose first frames form the query (with --task)"""
+    action_dim: Optional[int] = None
+    """keep only episodes of this action dim (default: the task's own; none with --query-images)"""
+    all_action_dims: bool = False
+    """keep episodes of every action dim (turns the action-dim filter off)"""
+    grid: int = 32
+    """retrieved first frames drawn in the grid image, best first (0: no image, no data dir needed)"""
+    out: Optional[str] = None
+    """grid image path (PNG); the results go beside it as .json (default: <index-dir>/query-<task>.png)"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers: errors, hashing, atomic writes, tasks and reset frames
+# ----------------------------------------------------------------------------------------------------------
+
+def fail(message: str) -> None:
+    """User error: message on stderr, exit status 1, nothing written."""
+    raise SystemExit(f"{PROG}: error: {message}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_replace(tmp: Path, final: Path) -> None:
+    """Flush a finished temporary file to disk, then atomically move it into place."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    fsync_replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def task_embodiment(task: str) -> str:
+    if task not in TASK_NAMES:
+        fail(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+    return "sawyer" if task.startswith("mw-") else task.split("-")[0]
+
+
+def render_reset_frames(task: str, num_resets: int, seed: int, size: int = 64) -> np.ndarray:
+    """First frames of `num_resets` resets of the task's env: uint8 [num_resets, size, size, 3].
+
+    Same cameras, cheap render settings and renderer (`mujoco.Renderer`, which makes its own GL context
+    current on every call) as the offline data (CONTRACTS.md). A custom DMC task (e.g. walker-run-backwards)
+    resets like a stock task of its domain, so that stock task renders its frames.
+    """
+    import mujoco  # imported here: `build` and --query-images never render
+
+    embodiment = task_embodiment(task)
+    if embodiment == "sawyer":
+        import metaworld
+
+        env = metaworld.ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task[3:]}-v3-goal-observable"](seed=seed)
+        env._freeze_rand_vec = False  # a new goal at every reset (TASKS.md)
+        model, data, reset = env.model, env.data, env.reset
+        camera = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, MW_CAMERA)
+        model.cam_pos[camera] = MW_CAMERA_POS
+    else:
+        from dm_control import suite
+
+        domain, rest = task.split("-", 1)
+        stock = rest.replace("-", "_")
+        if (domain, stock) not in suite.ALL_TASKS:
+            base = rest.removesuffix("-hard").replace("-", "_")  # -hard only changes the reward
+            stock = base if (domain, base) in suite.ALL_TASKS else DMC_STOCK_TASK[domain]
+        env = suite.load(domain, stock, task_kwargs={"random": seed})
+        model, data, reset = env.physics.model.ptr, env.physics.data.ptr, env.reset
+        camera = 2 if domain == "quadruped" else 0
+    model.vis.quality.offsamples, model.light_castshadow[:] = 0, 0  # cheap settings, as collected
+    model.vis.global_.offwidth, model.vis.global_.offheight = size, size
+    renderer = mujoco.Renderer(model, size, size)
+    frames = []
+    for _ in range(num_resets):
+        reset()
+        renderer.update_scene(data, camera=camera)
+        frame = renderer.render()
+        # Meta-World's corner2 renders upside down in metaworld 3.1.1 (SETUP.md trap 4)
+        frames.append(frame[::-1, ::-1].copy() if embodiment == "sawyer" else frame.copy())
+    renderer.close()
+    env.close()
+    return np.stack(frames)
+
+
+# ==== shared model classes: verbatim copies of pretrain_wm.py's (tests compare the source text) ====
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the world model; saved in every checkpoint as `model_config`."""
+
+    image_size: int = 64
+    """height = width of the square RGB frames"""
+    cnn_depth: int = 32
+    """d: encoder channels [d, 2d, 4d, 8d], decoder the reverse"""
+    deter: int = 512
+    """size of the deterministic (GRU) state h"""
+    hidden: int = 512
+    """width of the RSSM's MLP layers (img_in, img_out, obs_out)"""
+    stoch: int = 32
+    """number of categorical latent variables in z"""
+    classes: int = 32
+    """classes per categorical latent"""
+    blocks: int = 1
+    """blocks of the block-diagonal GRU (DreamerV3 uses 8 at large sizes); 1 = dense GRU"""
+    act_dim: int = 12
+    """actions are zero-padded to this many dims (largest embodiment, quadruped)"""
+    unimix: float = 0.01
+    """uniform mix in every categorical (DreamerV3: 1%)"""
+
+
+def _trunc_normal_init(module: nn.Module) -> None:
+    """DreamerV3's default initialiser: truncated normal with variance 1 / fan_avg, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, BlockLinear)):
+            w = m.weight
+            if isinstance(m, BlockLinear):
+                fan_in, fan_out = w.shape[1], w.shape[2]
+            elif isinstance(m, nn.Linear):
+                fan_in, fan_out = w.shape[1], w.shape[0]
+            else:  # conv: [out, in, k, k] (transposed conv: [in, out, k, k])
+                k = w.shape[2] * w.shape[3]
+                fan_in, fan_out = w.shape[1] * k, w.shape[0] * k
+            std = math.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566103423978
+            if w.device.type != "meta":
+                nn.init.trunc_normal_(w, 0.0, std, -2.0 * std, 2.0 * std)
+            if m.bias is not None and m.bias.device.type != "meta":
+                nn.init.zeros_(m.bias)
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear layer: `blocks` independent [in/blocks -> out/blocks] maps (DreamerV3 GRU)."""
+
+    def __init__(self, in_features: int, out_features: int, blocks: int, bias: bool = True):
+        super().__init__()
+        assert in_features % blocks == 0 and out_features % blocks == 0, (in_features, out_features, blocks)
+        self.blocks, self.in_features, self.out_features = blocks, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(blocks, in_features // blocks, out_features // blocks))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if self.blocks == 1:
+            y = x @ self.weight[0]
+        else:  # [N, g, i] -> [g, N, i] @ [g, i, o] -> [N, g*o]
+            x = x.view(-1, self.blocks, self.in_features // self.blocks).transpose(0, 1)
+            y = torch.bmm(x, self.weight).transpose(0, 1).reshape(-1, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channel dim of an NCHW tensor (DreamerV3 normalises channels per pixel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Encoder(nn.Module):
+    """4 stride-2 convs (kernel 4), channels [d, 2d, 4d, 8d], channel LayerNorm + SiLU, flattened."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.cnn_depth
+        chans = [3, d, 2 * d, 4 * d, 8 * d]
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 4, 2, 1, bias=False) for i in range(4))
+        self.norms = nn.ModuleList(ChannelNorm(chans[i + 1], eps=1e-3) for i in range(4))
+        self.out_dim = 8 * d * (cfg.image_size // 16) ** 2
+        _trunc_normal_init(self)
+        self.to(memory_format=torch.channels_last)  # NHWC convs: ~25% faster on CPU (oneDNN), fine on GPU
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image uint8 [..., H, W, 3] -> embed [..., out_dim]."""
+        lead = image.shape[:-3]
+        x = image.reshape(-1, *image.shape[-3:]).float() / 255.0 - 0.5
+        x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory, i.e. channels_last: no copy
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.silu(norm(conv(x)))
+        return x.reshape(*lead, self.out_dim)
+# ==== end shared model classes ====
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Retrieval (Eq. 4)
+# ----------------------------------------------------------------------------------------------------------
+
+# ==== shared retrieval function: an identical copy lives in finetune_gsa.py ====
+def retrieve(index, meta: dict, query_features: np.ndarray, k: int, action_dim: Optional[int] = None):
+    """Eq. 4: the k offline episodes whose first-frame features are nearest to the query features.
+
+    index: a Faiss index over the first-frame features (row i = meta["rows"][i]); query_features: float
+    [Q, E] (encoder features of the task's reset frames). The score of an episode is its smallest squared
+    L2 distance to any query feature (Faiss reports squared L2). With `action_dim`, only rows whose
+    "action_dim" equals it are eligible. Returns [(row dict, score)], best first (ties: lower row first),
+    at most k entries. Exact for a flat index; an IVF index searches only the clusters it probes.
+    """
+    rows = meta["rows"]
+    n = int(index.ntotal)
+    if n != len(rows):
+        raise ValueError(f"index has {n} vectors but its sidecar lists {len(rows)} rows")
+    queries = np.ascontiguousarray(np.asarray(query_features, dtype=np.float32))
+    if queries.ndim == 1:
+        queries = queries[None]
+    if queries.ndim != 2 or queries.shape[0] == 0 or queries.shape[1] != index.d:
+        raise ValueError(f"query features must be [Q, {index.d}], got {list(queries.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    params, want = None, min(k, n)
+    if action_dim is not None:  # search only the rows of this action dim (DESIGN §5)
+        eligible = np.flatnonzero([row["action_dim"] == action_dim for row in rows]).astype(np.int64)
+        want = min(k, len(eligible))
+        selector = faiss.IDSelectorBatch(eligible)  # referenced until the search is done
+        ivf = faiss.try_extract_index_ivf(index)
+        params = (faiss.SearchParameters(sel=selector) if ivf is None
+                  else faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe))
+    if want == 0:
+        return []
+    # The best `want` episodes by min-over-queries are all among each query's own `want` nearest rows.
+    dist, ids = index.search(queries, want, params=params)  # [Q, want], nearest first; id -1: none found
+    keep = ids >= 0
+    ids, dist = ids[keep], dist[keep]
+    order = np.lexsort((ids, dist))  # by distance, then row
+    ids, dist = ids[order], dist[order]
+    _, first = np.unique(ids, return_index=True)  # each row's first (= smallest) distance
+    first = np.sort(first)[:want]
+    return [(dict(rows[i]), float(d)) for i, d in zip(ids[first].tolist(), dist[first].tolist())]
+# ==== end shared retrieval function ====
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint, data and index I/O
+# ----------------------------------------------------------------------------------------------------------
+
+def load_encoder(checkpoint: Path, device: str, expected_sha256: Optional[str] = None):
+    """Encoder rebuilt from checkpoint["model_config"], strict-loaded from the `encoder.*` weights.
+
+    Returns (encoder in eval mode, ModelConfig, sha256 of the checkpoint file). With `expected_sha256`, a
+    checkpoint with other bytes is refused before it is loaded.
+    """
+    if not checkpoint.is_file():
+        fail(f"checkpoint {checkpoint} does not exist")
+    sha = sha256_file(checkpoint)
+    if expected_sha256 is not None and sha != expected_sha256:
+        fail(f"the index was built with the encoder of a checkpoint with sha256 {expected_sha256[:16]}..., "
+             f"but {checkpoint} has sha256 {sha[:16]}...; rebuild the index with this checkpoint "
+             f"(retrieval.py build --overwrite ...) or pass the checkpoint it was built with")
+    try:  # mmap: only the encoder's tensors are read from a large checkpoint
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 (corrupt file, pickle with code, not a torch file: all user errors)
+        fail(f"cannot load checkpoint {checkpoint}: {type(e).__name__}: {e}")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "model_config" not in ckpt:
+        fail(f"{checkpoint} is not a pretrain_wm.py checkpoint (no 'model' / 'model_config')")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        fail(f"{checkpoint} has format_version {ckpt.get('format_version')!r}, this script reads "
+             f"{FORMAT_VERSION}")
+    try:
+        cfg = ModelConfig(**ckpt["model_config"])
+    except TypeError as e:
+        fail(f"{checkpoint}: model_config does not match this script's ModelConfig: {e}")
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    if not state:
+        fail(f"{checkpoint} has no encoder weights (no 'encoder.*' keys in 'model')")
+    encoder = Encoder(cfg)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        fail(f"{checkpoint}: encoder weights do not fit this script's Encoder: {e}")
+    return encoder.to(device).eval(), cfg, sha
+
+
+@torch.no_grad()
+def encode(encoder: Encoder, frames: np.ndarray, device: str) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float32 features [N, E]."""
+    return encoder(torch.as_tensor(frames, device=device)).float().cpu().numpy()
+
+
+def load_manifest(data_dir: Path):
+    """(manifest dict, sha256 of manifest.json); checks the fields retrieval relies on."""
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        fail(f"no manifest at {path} (is --data-dir a collect_offline.py output directory?)")
+    raw = path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as e:
+        fail(f"{path} is not valid JSON: {e}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        fail(f"{path}: expected a manifest with format_version {FORMAT_VERSION}")
+    episodes = manifest.get("episodes")
+    if not isinstance(episodes, list) or not episodes:
+        fail(f"{path} lists no episodes")
+    for i, ep in enumerate(episodes):
+        missing = [key for key in ("path", "embodiment", "sha256", "length") if key not in ep]
+        if missing:
+            fail(f"{path}: episode {i} lacks {missing}")
+        if ep["embodiment"] not in EMBODIMENTS:
+            fail(f"{path}: episode {ep['path']} has unknown embodiment {ep['embodiment']!r}")
+        p = Path(ep["path"])
+        if p.is_absolute() or ".." in p.parts:
+            fail(f"{path}: episode path {ep['path']!r} must be relative and inside the data directory")
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+def read_first_frame(data_dir: Path, episode: dict, image_size: int) -> np.ndarray:
+    """First image of an episode file, uint8 [H, W, 3], after checking the file's sha256.
+
+    Only the start of the compressed 'image' member is inflated (header + one frame): about 0.2 ms
+    instead of about 14 ms for np.load of a whole 501-frame DMC episode.
+    """
+    path = data_dir / episode["path"]
+    if not path.is_file():
+        fail(f"episode file {path} listed in the manifest does not exist")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != episode["sha256"]:
+        fail(f"episode file {path} is corrupt: its sha256 differs from the manifest's")
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as npz, npz.open("image.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy format version {version}")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            expected = (image_size, image_size, 3)
+            if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1:] != expected or shape[0] < 1:
+                raise ValueError(f"'image' must be uint8 [T+1, {image_size}, {image_size}, 3] (C order), got "
+                                 f"{dtype} {list(shape)}")
+            frame = np.frombuffer(f.read(math.prod(expected)), np.uint8)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:  # no 'image', bad header, bad zip
+        fail(f"cannot read the first frame of episode file {path}: {type(e).__name__}: {e}")
+    return frame.reshape(expected).copy()
+
+
+def make_index(features_dim: int, index_type: str, num_rows: int, nlist: int, nprobe: int):
+    """(empty Faiss index, its name for the sidecar). IVF still needs training (see build)."""
+    if index_type == "flat":
+        return faiss.IndexFlatL2(features_dim), "flat"
+    nlist = nlist or max(1, round(math.sqrt(num_rows)))
+    if nlist > num_rows:
+        fail(f"--nlist {nlist} exceeds the number of episodes ({num_rows})")
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(features_dim), features_dim, nlist, faiss.METRIC_L2)
+    index.nprobe = min(nprobe, nlist)
+    return index, f"ivf{nlist},flat"
+
+
+def load_index(index_dir: Path):
+    """(Faiss index, sidecar dict) of an index directory, checked for consistency."""
+    index_path, meta_path = index_dir / INDEX_FILE, index_dir / META_FILE
+    for p in (index_path, meta_path):
+        if not p.is_file():
+            fail(f"{p} does not exist (build the index with `retrieval.py build`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        fail(f"{meta_path} is not valid JSON: {e}")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "rows" not in meta:
+        fail(f"{meta_path}: expected an index sidecar with format_version {FORMAT_VERSION}")
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as e:
+        fail(f"cannot read {index_path}: {e}")
+    if index.ntotal != len(meta["rows"]) or index.d != meta.get("feature_dim"):
+        fail(f"{index_dir}: index.faiss ({index.ntotal} x {index.d}) does not match index.json "
+             f"({len(meta['rows'])} rows x {meta.get('feature_dim')})")
+    return index, meta
+
+
+def save_grid(path: Path, query_frames: np.ndarray, frames: np.ndarray, match: list, cols: int = 8) -> None:
+    """PNG: query frames in a column (blue borders), then the retrieved frames in rows of `cols`, best
+    first, bordered green (same embodiment as the query task), red (other) or grey (unknown)."""
+    import imageio.v2 as imageio
+
+    size = query_frames.shape[1]
+    tile, pad = size + 4, 8
+    colours = {True: (40, 200, 40), False: (220, 40, 40), None: (128, 128, 128)}
+
+    def bordered(frame, colour):
+        out = np.empty((tile, tile, 3), np.uint8)
+        out[:] = colour
+        out[2:-2, 2:-2] = frame
+        return out
+
+    rows = max(1, math.ceil(len(frames) / cols))
+    nq = min(len(query_frames), max(rows, 1))
+    height = max(rows, nq) * tile
+    grid = np.full((height, tile + pad + cols * tile, 3), 255, np.uint8)
+    for i in range(nq):
+        grid[i * tile:(i + 1) * tile, :tile] = bordered(query_frames[i], (40, 80, 230))
+    for i, frame in enumerate(frames):
+        r, c = divmod(i, cols)
+        x = tile + pad + c * tile
+        grid[r * tile:(r + 1) * tile, x:x + tile] = bordered(frame, colours[match[i]])
+    buf = io.BytesIO()
+    imageio.imwrite(buf, grid, format="png")
+    write_bytes_atomic(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------------------
+
+def build(args: BuildArgs, device: str) -> None:
+    out_dir, data_dir = Path(args.out_dir), Path(args.data_dir)
+    if args.batch_size < 1 or args.nlist < 0 or args.nprobe < 1:
+        fail("--batch-size and --nprobe must be >= 1, --nlist >= 0")
+    if args.index_type == "flat" and (args.nlist != BuildArgs.nlist or args.nprobe != BuildArgs.nprobe):
+        fail("--nlist / --nprobe only apply to --index-type ivf")
+    if (out_dir / INDEX_FILE).exists() or (out_dir / META_FILE).exists():
+        if not args.overwrite:
+            fail(f"{out_dir} already holds an index; pass --overwrite to replace it")
+    encoder, cfg, ckpt_sha = load_encoder(Path(args.checkpoint), device)
+    manifest, manifest_sha = load_manifest(data_dir)
+    if manifest.get("image_size", cfg.image_size) != cfg.image_size:
+        fail(f"the data has {manifest['image_size']}px images, the encoder expects {cfg.image_size}px")
+    episodes = manifest["episodes"]
+    action_dims = {**ACTION_DIMS, **manifest.get("action_dims", {})}
+    n, dim = len(episodes), encoder.out_dim
+    print(f"encoder: {sum(p.numel() for p in encoder.parameters()):,} parameters, feature dim {dim}; "
+          f"{n} episodes from {data_dir}")
+
+    index, index_name = make_index(dim, args.index_type, n, args.nlist, args.nprobe)
+    # A flat index takes features batch by batch (memory: one copy); IVF must see them all to train first.
+    features = np.empty((n, dim), np.float32) if args.index_type == "ivf" else None
+    start_wall, start_cpu, last_print = time.time(), time.process_time(), time.time()
+    for lo in range(0, n, args.batch_size):
+        batch = episodes[lo:lo + args.batch_size]
+        feats = encode(encoder, np.stack([read_first_frame(data_dir, ep, cfg.image_size) for ep in batch]),
+                       device)
+        if features is None:
+            index.add(feats)
+        else:
+            features[lo:lo + len(batch)] = feats
+        done = lo + len(batch)
+        if time.time() - last_print > 10 or done == n:
+            rate = done / max(time.time() - start_wall, 1e-9)
+            print(f"encoded {done}/{n} first frames, {rate:.1f} episodes/s, ETA {(n - done) / rate:.0f} s")
+            last_print = time.time()
+    encode_wall = time.time() - start_wall
+    t_index = time.time()
+    if features is not None:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = args.seed
+        ivf.cp.max_points_per_centroid = 64  # k-means on <= 64 points per cluster: enough for coarse lists
+        if n < 39 * ivf.nlist:
+            print(f"warning: {n} episodes is few for {ivf.nlist} IVF clusters (Faiss wants >= 39 per cluster)")
+        index.train(features)
+        index.add(features)
+        del features
+    index_wall = time.time() - t_index
+
+    meta = {
+        "format_version": FORMAT_VERSION, "script": PROG, "metric": "l2", "index_type": index_name,
+        "feature_dim": dim, "num_rows": n,
+        "checkpoint_sha256": ckpt_sha, "manifest_sha256": manifest_sha,
+        "checkpoint": str(Path(args.checkpoint).resolve()), "data_dir": str(data_dir.resolve()),
+        "model_config": asdict(cfg), "args": asdict(args),
+        "timing": {"encode_wall_s": round(encode_wall, 3), "index_wall_s": round(index_wall, 3),
+                   "total_cpu_s": round(time.process_time() - start_cpu, 3)},
+        "rows": [{"path": ep["path"], "embodiment": ep["embodiment"], "task": ep.get("task"),
+                  "action_dim": int(action_dims[ep["embodiment"]]), "length": int(ep["length"])}
+                 for ep in episodes],
+    }
+    if args.index_type == "ivf":
+        meta["nprobe"] = int(faiss.extract_index_ivf(index).nprobe)
+    # Write both files under temporary names first; the sidecar lands last, so a complete index.json
+    # always describes the index.faiss beside it.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_index = out_dir / f"{INDEX_FILE}.tmp-{os.getpid()}"
+    faiss.write_index(index, str(tmp_index))
+    fsync_replace(tmp_index, out_dir / INDEX_FILE)
+    write_json_atomic(out_dir / META_FILE, meta)
+    print(f"wrote {out_dir / INDEX_FILE} ({index_name}, {n} x {dim}) and {out_dir / META_FILE}; "
+          f"encode {encode_wall:.2f} s, index {index_wall:.2f} s (wall)")
+
+
+def query(args: QueryArgs, device: str) -> None:
+    index_dir = Path(args.index_dir)
+    if (args.task is None) == (args.query_images is None):
+        fail("give exactly one of --task and --query-images")
+    if args.k < 1 or args.num_resets < 1 or args.grid < 0:
+        fail("--k and --num-resets must be >= 1, --grid >= 0")
+    if args.all_action_dims and args.action_dim is not None:
+        fail("--action-dim and --all-action-dims exclude each other")
+    embodiment = task_embodiment(args.task) if args.task else None
+    index, meta = load_index(index_dir)
+    checkpoint = Path(args.checkpoint or meta.get("checkpoint", ""))
+    if args.checkpoint is None and not checkpoint.is_file():
+        fail(f"the checkpoint recorded in {index_dir / META_FILE} ({checkpoint}) does not exist; pass --checkpoint")
+    encoder, cfg, _ = load_encoder(checkpoint, device, expected_sha256=meta["checkpoint_sha256"])
+    if encoder.out_dim != meta["feature_dim"]:
+        fail(f"encoder feature dim {encoder.out_dim} differs from the index's {meta['feature_dim']}")
+
+    if args.task:
+        t0 = time.time()
+        query_frames = render_reset_frames(args.task, args.num_resets, args.seed, cfg.image_size)
+        print(f"rendered {len(query_frames)} reset frames of {args.task} in {time.time() - t0:.2f} s")
+        name = args.task
+    else:
+        path = Path(args.query_images)
+        if not path.is_file():
+            fail(f"query images {path} do not exist")
+        try:
+            query_frames = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001
+            fail(f"cannot read {path} as a .npy array: {type(e).__name__}: {e}")
+        if query_frames.ndim == 3:
+            query_frames = query_frames[None]
+        size = cfg.image_size
+        if query_frames.dtype != np.uint8 or query_frames.shape[1:] != (size, size, 3) or not len(query_frames):
+            fail(f"{path}: query images must be uint8 [Q, {size}, {size}, 3], got "
+                 f"{query_frames.dtype} {list(query_frames.shape)}")
+        name = path.stem
+    action_dim = args.action_dim
+    if action_dim is None and embodiment is not None and not args.all_action_dims:
+        action_dim = ACTION_DIMS[embodiment]  # DESIGN §5: drop episodes of other action dims
+
+    t0, c0 = time.time(), time.process_time()
+    features = encode(encoder, query_frames, device)
+    results = retrieve(index, meta, features, args.k, action_dim)
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    print(f"retrieved {len(results)} of {index.ntotal} episodes (k={args.k}, action dim "
+          f"{'any' if action_dim is None else action_dim}, {meta['index_type']}) in {wall:.3f} s "
+          f"({cpu:.3f} CPU-s), query frames encoded and searched")
+    if not results:
+        fail("no episode in the index has the requested action dim")
+    by_embodiment = Counter(row["embodiment"] for row, _ in results)
+    by_task = Counter(str(row["task"]) for row, _ in results)
+    print("by embodiment: " + ", ".join(f"{e} {c}" for e, c in by_embodiment.most_common()))
+    print("by source task: " + ", ".join(f"{t} {c}" for t, c in by_task.most_common(20))
+          + (f", ... ({len(by_task)} tasks)" if len(by_task) > 20 else ""))
+    precision = {}
+    if embodiment is not None:
+        precision["embodiment"] = by_embodiment[embodiment] / len(results)
+        print(f"precision by embodiment ({embodiment}): {precision['embodiment']:.3f}")
+        if embodiment == "sawyer":
+            precision["source_task"] = by_task[args.task[3:]] / len(results)
+            print(f"precision by source task ({args.task[3:]}): {precision['source_task']:.3f}")
+
+    out = Path(args.out) if args.out else index_dir / f"query-{name}.png"
+    if args.grid:
+        data_dir = Path(args.data_dir or meta.get("data_dir", ""))
+        if args.data_dir is None and not (data_dir / "manifest.json").is_file():
+            fail(f"the data dir recorded in {index_dir / META_FILE} ({data_dir}) has no manifest.json; pass "
+                 f"--data-dir, or --grid 0 for no grid image")
+        manifest, manifest_sha = load_manifest(data_dir)
+        if manifest_sha != meta["manifest_sha256"]:
+            fail(f"{data_dir / 'manifest.json'} (sha256 {manifest_sha[:16]}...) is not the manifest the index "
+                 f"was built from ({meta['manifest_sha256'][:16]}...); pass the right --data-dir or --grid 0")
+        by_path = {ep["path"]: ep for ep in manifest["episodes"]}
+        shown = results[:args.grid]
+        frames = np.stack([read_first_frame(data_dir, by_path[row["path"]], cfg.image_size) for row, _ in shown])
+        match = [None if embodiment is None else row["embodiment"] == embodiment for row, _ in shown]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(out, query_frames, frames, match)
+        print(f"wrote {out}")
+    summary = {"query": name, "k": args.k, "action_dim": action_dim, "num_query_frames": len(query_frames),
+               "index_dir": str(index_dir.resolve()), "index_type": meta["index_type"],
+               "seconds": round(wall, 4), "by_embodiment": dict(by_embodiment), "by_task": dict(by_task),
+               "precision": precision, "args": asdict(args),
+               "results": [{**row, "distance": d} for row, d in results]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out.with_suffix(".json"), summary)
+    print(f"wrote {out.with_suffix('.json')}")
+
+
+def main(args: Union[BuildArgs, QueryArgs]) -> None:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    if isinstance(args, BuildArgs):
+        build(args, device)
+    else:
+        query(args, device)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Union[Annotated[BuildArgs, tyro.conf.subcommand("build")],
+                        Annotated[QueryArgs, tyro.conf.subcommand("query")]]))
