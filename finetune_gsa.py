@@ -92,8 +92,7 @@ class Args:
     resume: bool = False
     """continue the run in --out-dir from its ckpt.pt (required to reuse an existing run directory)"""
     size: Optional[Literal["tiny", "xs", "s", "paper"]] = None
-    """preset (SIZES + AGENT_SIZES); default: the checkpoint's own size (xs with --no-pretrain). The world
-    model part must equal the checkpoint's model_config"""
+    """preset (SIZES + AGENT_SIZES); default: the checkpoint's own (xs with --no-pretrain); must match it"""
     env_steps: int = 150_000
     """environment frames to collect (after action repeat, like the paper's 150k samples)"""
     no_pretrain: bool = False
@@ -135,7 +134,7 @@ class Args:
     eval_episodes: Optional[int] = None
     """episodes per evaluation (default: preset)"""
     video: bool = True
-    """save an mp4 of the first episode of every evaluation"""
+    """save an mp4 of the first episode of every evaluation (--no-video: don't)"""
     checkpoint_every: int = 10_000
     """save ckpt.pt at least every this many env frames (also after every evaluation and at the end)"""
     max_episode_steps: Optional[int] = None
@@ -1216,7 +1215,7 @@ def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mod
     Returns (episode dict in replay format, (stats, the frames if record else None))."""
     device, A = agent.bins.device, env.action_dim
     image = env.reset()
-    images, actions, rewards = [image], [np.zeros(MAX_ACTION_DIM, np.float32)], [0.0]
+    images, actions, episode_rewards = [image], [np.zeros(MAX_ACTION_DIM, np.float32)], [0.0]
     state, prev = None, torch.zeros(MAX_ACTION_DIM, device=device)
     if prior is not None:
         prior.reset(image)
@@ -1239,12 +1238,12 @@ def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mod
             prior.observe(image)
         images.append(image)
         actions.append(a)
-        rewards.append(reward)
+        episode_rewards.append(reward)
         successes.append(bool(info.get("success", False)))
         prev, t = action, t + 1
     episode = {"image": np.stack(images), "action": np.stack(actions).astype(np.float32),
-               "reward": np.asarray(rewards, np.float32), "is_first": np.arange(len(images)) == 0}
-    stats = {"return": float(np.sum(rewards)), "length": t, "success": bool(successes[-1]) if successes else False,
+               "reward": np.asarray(episode_rewards, np.float32), "is_first": np.arange(len(images)) == 0}
+    stats = {"return": float(np.sum(episode_rewards)), "length": t, "success": bool(successes[-1]) if successes else False,
              "success_any": any(successes), "prior_steps": prior_steps}
     return episode, (stats, images if record else None)
 
@@ -1405,6 +1404,9 @@ def main(args: Args) -> None:
     write_json_atomic(out_dir / "args.json", {**asdict(args), "resolved_size": size, "resolved": preset,
                                               "device": str(device)})
     writer = SummaryWriter(str(out_dir / "tb"))
+    if need_retrieval:
+        writer.add_text("retrieval", f"D_r: {len(offline)} episodes; by embodiment {dict(by_emb)}; "
+                                     f"by source task {dict(by_task)}")
     if need_retrieval and resume_ckpt is None:
         write_json_atomic(out_dir / "retrieval.json", {
             "k": args.k, "action_dim": A, "by_embodiment": dict(by_emb), "by_source_task": dict(by_task),
@@ -1564,4 +1566,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, config=(tyro.conf.FlagCreatePairsOff,)))  # --no-pretrain, not --no-no-pretrain

@@ -47,10 +47,11 @@ PROG = "pretrain_wm.py"
 
 @dataclass
 class Args:
-    out_dir: str
-    """run directory: wm.pt, args.json, metrics.jsonl, tb/, videos/"""
-    data_dir: str
-    """offline dataset written by collect_offline.py (manifest.json + episode .npz files)"""
+    out_dir: str = "runs/pretrain"
+    """run directory: wm.pt, args.json, metrics.jsonl, tb/, videos/ (finetune_gsa.py's default --checkpoint is
+    runs/pretrain/wm.pt)"""
+    data_dir: str = "data/offline"
+    """offline dataset written by collect_offline.py (manifest.json + episode .npz files; its default out dir)"""
     seed: int = 0
     """seed of model init, latent sampling and the data sampler"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -1022,6 +1023,13 @@ def main(args: Args):
                 t_last += time.perf_counter() - t_pause  # steps/s counts training time only
         save_checkpoint()
         evaluate()
+        if world_size > 1:
+            # gloo's worker thread frees the last all_gather_object's tensors, which needs the GIL; freeing the
+            # DDP reducer (and its process group, whose destructor joins that thread) at interpreter exit,
+            # with the GIL held, could deadlock. Collectives run in order, so after this barrier the thread is
+            # idle; then drop the wrapper here.
+            torch.distributed.barrier()
+            del model
     finally:
         pool.close()
         if is_main:

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import fields
@@ -295,7 +296,16 @@ def test_two_process_gloo_run(data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "pretrain_wm.py"), "--data-dir", str(data), "--out-dir", str(out), "--size", "tiny",
            "--steps", "4", "--threads", "1", "--log-every", "2", "--checkpoint-every", "2", "--device", "cpu"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    # Own process group, killed whole on a timeout, so no rank outlives a hung run.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"2-process run timed out:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(out / "wm.pt", weights_only=True)
     assert ckpt["step"] == 4 and len(ckpt["rng"]["ranks"]) == 2
