@@ -470,13 +470,16 @@ class RSSM(nn.Module):
         D, H, S, C, g = cfg.deter, cfg.hidden, cfg.stoch, cfg.classes, cfg.blocks
         embed_dim = 8 * cfg.cnn_depth * (cfg.image_size // 16) ** 2 if embed_dim is None else embed_dim
         assert D % g == 0, "deter must be divisible by blocks"
-        # Sequence model inputs, each Linear + LayerNorm + SiLU (img_in).
+        # Sequence model inputs (img_in), each Linear + LayerNorm + SiLU: one for h, one for (z, a) jointly.
+        # The action is projected linearly and added to z's projection before the norm (= one Linear on
+        # concat(z, a), as in DreamerV3): a LayerNorm of the action's projection alone would keep only its
+        # direction (for a 1-D action only its sign). img_in_action is split out so it can be batched over T.
         self.img_in_deter = nn.Linear(D, H, bias=False)
         self.img_in_stoch = nn.Linear(S * C, H, bias=False)
         self.img_in_action = nn.Linear(cfg.act_dim, H, bias=False)
-        self.img_in_norms = nn.ModuleList(nn.LayerNorm(H, eps=1e-3) for _ in range(3))
+        self.img_in_norms = nn.ModuleList(nn.LayerNorm(H, eps=1e-3) for _ in range(2))
         # Block GRU: every block sees its slice of h and all inputs; one hidden layer then the gates.
-        self.gru_hidden = BlockLinear(g * (D // g + 3 * H), D, g, bias=False)
+        self.gru_hidden = BlockLinear(g * (D // g + 2 * H), D, g, bias=False)
         self.gru_hidden_norm = nn.LayerNorm(D, eps=1e-3)
         self.gru_gates = BlockLinear(D, 3 * D, g, bias=False)
         self.gru_gates_norm = nn.LayerNorm(3 * D, eps=1e-3)
@@ -523,8 +526,8 @@ class RSSM(nn.Module):
         """h_t = f(h_{t-1}, z_{t-1}, a_t); action_in is img_in_action's output (precomputable over T)."""
         g, D = self.cfg.blocks, self.cfg.deter
         x0 = F.silu(self.img_in_norms[0](self.img_in_deter(deter)))
-        x1 = F.silu(self.img_in_norms[1](self.img_in_stoch(stoch.reshape(stoch.shape[0], -1))))
-        x = torch.cat([x0, x1, action_in], -1)
+        x1 = F.silu(self.img_in_norms[1](self.img_in_stoch(stoch.reshape(stoch.shape[0], -1)) + action_in))
+        x = torch.cat([x0, x1], -1)
         if g == 1:
             x = torch.cat([deter, x], -1)
         else:
@@ -540,7 +543,7 @@ class RSSM(nn.Module):
         return update * cand + (1.0 - update) * deter
 
     def _action_in(self, action: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.img_in_norms[2](self.img_in_action(action)))
+        return self.img_in_action(action)
 
     def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
         """Dynamics predictor p(z_t | h_t): log-probs [..., S, C]."""

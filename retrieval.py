@@ -78,11 +78,11 @@ MW_CAMERA, MW_CAMERA_POS = "corner2", (0.75, 0.075, 0.7)  # corner2 moved closer
 class BuildArgs:
     """Encode the first frame of every offline episode and write a Faiss index + JSON sidecar."""
 
-    out_dir: str
-    """index directory to write (index.faiss and index.json)"""
-    checkpoint: str
+    out_dir: str = "runs/index"
+    """index directory to write (index.faiss and index.json; finetune_gsa.py's default --index-dir)"""
+    checkpoint: str = "runs/pretrain/wm.pt"
     """pre-trained world-model checkpoint (pretrain_wm.py's wm.pt); only its encoder is used"""
-    data_dir: str
+    data_dir: str = "data/offline"
     """offline data directory (collect_offline.py's manifest.json and episode files)"""
     seed: int = 1
     """seed of the k-means that trains an IVF index (a flat index involves no randomness)"""
@@ -106,7 +106,7 @@ class BuildArgs:
 class QueryArgs:
     """Return the k offline episodes nearest to a task's reset frames (Eq. 4); print and draw them."""
 
-    index_dir: str
+    index_dir: str = "runs/index"
     """index directory written by `retrieval.py build`"""
     task: Optional[str] = None
     """fine-tuning task (e.g. walker-run, mw-shelf-place): query frames are its env resets"""

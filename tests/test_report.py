@@ -158,3 +158,17 @@ def test_every_flag_is_used():
     source = inspect.getsource(report)
     for field in dataclasses.fields(report.Args):
         assert f"args.{field.name}" in source, f"Args.{field.name} is never read"
+
+
+def test_variant_names_agree_with_finetune():
+    """finetune_gsa.py names its default run dir by the same variant names report.py groups by."""
+    import itertools
+
+    import finetune_gsa
+
+    for no_pretrain, no_rehearsal, no_guidance, guidance in itertools.product(
+            (False, True), (False, True), (False, True), ("window", "jsrl")):
+        flags = dict(no_pretrain=no_pretrain, no_rehearsal=no_rehearsal, no_guidance=no_guidance,
+                     guidance=guidance)
+        args = finetune_gsa.Args(task="walker-walk", **flags)
+        assert finetune_gsa.variant_name(args) == report.variant_name(flags), flags
