@@ -408,3 +408,13 @@ def test_corrupt_retrieved_episode_errors(tmp_path, artifacts):
     with pytest.raises(SystemExit, match="corrupt"):
         run_main(task="walker-walk", out_dir=str(out), **{**artifacts, "data_dir": str(data)})
     assert not out.exists()
+
+
+def test_every_flag_is_used():
+    from dataclasses import fields
+
+    source = inspect.getsource(ft)
+    assert source.index("\nclass Args") < source.index("\n# ==== environments")
+    after_args = source.split("\n# ==== environments")[1]  # everything after the Args class
+    for f in fields(ft.Args):
+        assert f"args.{f.name}" in after_args, f"--{f.name.replace('_', '-')} does nothing"
