@@ -125,8 +125,8 @@ def bench_finetune(args: Args, size: str) -> dict:
     device = torch.device(args.device)
     cfg, preset = F.model_config_for(size), F.AGENT_SIZES[size]
     A = 6  # walker
-    agent = F.Agent(cfg, preset["units"], preset["layers"], A, F.Args(task="walker-walk")).to(device)
-    agent.horizon = preset["horizon"]
+    agent = F.Agent(cfg, preset["units"], preset["layers"], A, preset["horizon"],
+                    F.Args(task="walker-walk")).to(device)
     B, T = preset["batch_size"], preset["seq_len"]
     batch = F.random_batch(B, T, A, online_rows=B - round(0.25 * B), device=device)
     wall, cpu = timed(lambda: F.train_step(agent, batch), args.updates)

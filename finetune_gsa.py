@@ -1292,11 +1292,10 @@ def train_bc(prior: BCPrior, episodes: list, steps: int, batch: int, lr: float, 
 # ----------------------------------------------------------------------------------------------------------
 
 class Agent(nn.Module):
-    def __init__(self, cfg: ModelConfig, units: int, layers: int, action_dim: int, args: Args):
+    def __init__(self, cfg: ModelConfig, units: int, layers: int, action_dim: int, horizon: int, args: Args):
         super().__init__()
-        self.cfg, self.action_dim = cfg, action_dim
+        self.cfg, self.action_dim, self.horizon = cfg, action_dim, horizon  # horizon: imagined steps per start
         self.discount, self.lam, self.entropy_scale = args.discount, args.return_lambda, args.entropy_scale
-        self.horizon = None  # set by the caller (size preset / --horizon)
         self.kl_settings = (1.0, 0.1, 1.0)  # beta_dyn, beta_rep, free nats: pre-training's (set from its args)
         self.wm = WorldModel(cfg)
         feat_dim = cfg.deter + cfg.stoch * cfg.classes
@@ -1732,8 +1731,7 @@ def main(args: Args) -> None:
     episode_frames = max_steps * ACTION_REPEAT
 
     # Agent: the pretrained world model, whole (Sec. 3.3).
-    agent = Agent(cfg, preset["units"], preset["layers"], A, args).to(device)
-    agent.horizon = H
+    agent = Agent(cfg, preset["units"], preset["layers"], A, H, args).to(device)
     if wm_ckpt is not None:
         agent.wm.load_state_dict(wm_ckpt["model"], strict=True)
         pre = wm_ckpt.get("args") or {}

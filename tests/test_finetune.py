@@ -186,8 +186,7 @@ def test_guidance_window_units(length):
 def tiny_agent(action_dim=6, seed=0):
     torch.manual_seed(seed)
     p = ft.AGENT_SIZES["tiny"]
-    agent = ft.Agent(ft.model_config_for("tiny"), p["units"], p["layers"], action_dim, ft.Args())
-    agent.horizon = p["horizon"]
+    agent = ft.Agent(ft.model_config_for("tiny"), p["units"], p["layers"], action_dim, p["horizon"], ft.Args())
     return agent
 
 
