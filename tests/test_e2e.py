@@ -68,7 +68,9 @@ def test_index_covers_every_episode(pipeline):
     manifest = json.loads((pipeline["data"] / "manifest.json").read_text())
     meta = json.loads((pipeline["index"] / "index.json").read_text())
     assert sorted(r["path"] for r in meta["rows"]) == sorted(r["path"] for r in manifest["episodes"])
-    assert "walker" in pipeline["logs"]["query"]
+    # walker-walk has 6 action dims: the query keeps only walker episodes (sawyer has 4), both of them (k=3).
+    result = json.loads((pipeline["index"] / "query-walker-walk.json").read_text())
+    assert [r["embodiment"] for r in result["results"]] == ["walker", "walker"]
 
 
 def test_finetune_evaluates_and_saves(pipeline):
