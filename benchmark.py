@@ -41,6 +41,8 @@ class Args:
     """stages to measure: env, pretrain, finetune, retrieval"""
     threads: int = 2
     """torch threads per measurement (the CPU presets are meant for 2)"""
+    precision: list[str] = field(default_factory=lambda: ["fp32"])
+    """update precisions to measure (pretrain and finetune stages): fp32, bf16 (autocast, as --precision bf16)"""
     updates: int = 3
     """timed updates per size (after one untimed warm-up update)"""
     env_steps: int = 200
@@ -112,8 +114,9 @@ def bench_pretrain(args: Args, size: str) -> dict:
              "is_first": torch.zeros(B, T, dtype=torch.bool)}
     batch["is_first"][:, 0] = True
     batch = {k: v.to(device) for k, v in batch.items()}
-    wall, cpu = timed(lambda: P.train_step(wm, opt, batch, pargs), args.updates)
-    return {"params_M": sum(p.numel() for p in wm.parameters()) / 1e6, "batch": f"{B}x{T}",
+    dtype = torch.bfloat16 if args.precision[0] == "bf16" else None
+    wall, cpu = timed(lambda: P.train_step(wm, opt, batch, pargs, dtype), args.updates)
+    return {"precision": args.precision[0], "params_M": sum(p.numel() for p in wm.parameters()) / 1e6, "batch": f"{B}x{T}",
             "s_per_update": wall, "cpu_s_per_update": cpu, "updates_per_s": 1 / wall}
 
 
@@ -126,7 +129,7 @@ def bench_finetune(args: Args, size: str) -> dict:
     cfg, preset = F.model_config_for(size), F.AGENT_SIZES[size]
     A = 6  # walker
     agent = F.Agent(cfg, preset["units"], preset["layers"], A, preset["horizon"],
-                    F.Args(task="walker-walk")).to(device)
+                    F.Args(task="walker-walk", precision=args.precision[0])).to(device)
     B, T = preset["batch_size"], preset["seq_len"]
     batch = F.random_batch(B, T, A, online_rows=B - round(0.25 * B), device=device)
     wall, cpu = timed(lambda: F.train_step(agent, batch), args.updates)
@@ -139,7 +142,8 @@ def bench_finetune(args: Args, size: str) -> dict:
     env.close()
     agent_steps_per_update = B * T / preset["train_ratio"]
     frames_per_s = 2 * agent_steps_per_update / (wall + agent_steps_per_update * (act_wall + env_wall))
-    return {"params_M": sum(p.numel() for p in agent.parameters()) / 1e6, "batch": f"{B}x{T}",
+    return {"precision": args.precision[0], "params_M": sum(p.numel() for p in agent.parameters()) / 1e6,
+            "batch": f"{B}x{T}",
             "horizon": preset["horizon"], "train_ratio": preset["train_ratio"], "s_per_update": wall,
             "cpu_s_per_update": cpu, "updates_per_s": 1 / wall, "ms_per_policy_step": 1e3 * act_wall,
             "ms_per_env_step": 1e3 * env_wall, "env_frames_per_s": frames_per_s}
@@ -196,16 +200,16 @@ def table(results: list) -> str:
             lines += [f"| {t} | {r[t]['frames_per_s']:.0f} | {r[t]['cpu_ms_per_step']:.1f} |" for t in ENV_TASKS]
             lines += [f"\npeak memory {r['peak_mb']:.0f} MB\n"]
         elif stage == "pretrain":
-            lines += ["| pretrain size | params | batch | s/update | CPU s/update | updates/s | peak MB |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"]
-            lines += [f"| {r['size']} | {r['params_M']:.2f}M | {r['batch']} | {r['s_per_update']:.3f} | "
+            lines += ["| pretrain size | precision | params | batch | s/update | CPU s/update | updates/s | peak MB |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['size']} | {r['precision']} | {r['params_M']:.2f}M | {r['batch']} | {r['s_per_update']:.3f} | "
                       f"{r['cpu_s_per_update']:.3f} | {r['updates_per_s']:.2f} | {r['peak_mb']:.0f} |" for r in rows]
             lines.append("")
         elif stage == "finetune":
-            lines += ["| finetune size | params | batch | horizon | train ratio | s/update | updates/s | "
+            lines += ["| finetune size | precision | params | batch | horizon | train ratio | s/update | updates/s | "
                       "policy ms/step | env ms/step | env frames/s | peak MB |",
-                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-            lines += [f"| {r['size']} | {r['params_M']:.2f}M | {r['batch']} | {r['horizon']} | {r['train_ratio']} | "
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['size']} | {r['precision']} | {r['params_M']:.2f}M | {r['batch']} | {r['horizon']} | {r['train_ratio']} | "
                       f"{r['s_per_update']:.3f} | {r['updates_per_s']:.2f} | {r['ms_per_policy_step']:.1f} | "
                       f"{r['ms_per_env_step']:.1f} | {r['env_frames_per_s']:.1f} | {r['peak_mb']:.0f} |" for r in rows]
             lines.append("")
@@ -224,20 +228,25 @@ def main(args: Args) -> None:
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"benchmark.py: error: unknown stage(s) {unknown}; valid: {list(STAGES)}")
+    bad = [p for p in args.precision if p not in ("fp32", "bf16")]
+    if bad:
+        raise SystemExit(f"benchmark.py: error: unknown precision(s) {bad}; valid: fp32, bf16")
     results = []
     for stage in args.stages:
         for size in (["-"] if stage == "env" else args.sizes):
-            if size == "paper" and args.device == "cpu":
-                print(f"skip {stage}:{size} (GPU only)", flush=True)
-                continue
-            cmd = [sys.executable, __file__, "--one", f"{stage}:{size}", "--threads", str(args.threads),
-                   "--updates", str(args.updates), "--env-steps", str(args.env_steps),
-                   "--retrieval-rows", str(args.retrieval_rows), "--device", args.device]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
-            if proc.returncode != 0:
-                raise SystemExit(f"benchmark.py: error: {stage}:{size} failed:\n{proc.stderr[-2000:]}")
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"measured {stage}:{size}", flush=True)
+            for precision in (args.precision if stage in ("pretrain", "finetune") else ["fp32"]):
+                if size == "paper" and args.device == "cpu":
+                    print(f"skip {stage}:{size} (GPU only)", flush=True)
+                    continue
+                cmd = [sys.executable, __file__, "--one", f"{stage}:{size}", "--threads", str(args.threads),
+                       "--updates", str(args.updates), "--env-steps", str(args.env_steps),
+                       "--retrieval-rows", str(args.retrieval_rows), "--device", args.device,
+                       "--precision", precision]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+                if proc.returncode != 0:
+                    raise SystemExit(f"benchmark.py: error: {stage}:{size} failed:\n{proc.stderr[-2000:]}")
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"measured {stage}:{size} {precision}", flush=True)
     header = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"{args.threads} torch threads, device {args.device}; median of {args.updates} updates")
     text = header + "\n\n" + table(results)

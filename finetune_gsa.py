@@ -96,6 +96,9 @@ class Args:
     """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     threads: Optional[int] = None
     """torch CPU threads (default: torch's choice); set it when other processes share the cores"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """matmul/conv precision of the updates: auto = bf16 autocast on GPU, fp32 on CPU; bf16 on a CPU with
+    AVX512-BF16 or AMX about halves the update time (README, Speed); on one without them it is slower"""
     resume: bool = False
     """continue the run in --out-dir from its ckpt.pt (required to reuse an existing run directory)"""
     size: Optional[Literal["tiny", "xs", "s", "paper"]] = None
@@ -103,7 +106,8 @@ class Args:
     env_steps: int = 150_000
     """environment frames to collect (after action repeat, like the paper's 150k samples)"""
     no_pretrain: bool = False
-    """DreamerV3 from scratch: a fresh world model, so no checkpoint, no retrieval, no rehearsal, no guidance"""
+    """DreamerV3 from scratch: a fresh world model, so no checkpoint, no retrieval, no rehearsal, no guidance
+    (KL weights beta_dyn 1.0, beta_rep 0.1 as in pre-training and the release; DreamerV3's paper uses 0.5, 0.1)"""
     no_rehearsal: bool = False
     """train on online data only (no D_r sequences in the batches)"""
     no_guidance: bool = False
@@ -1206,7 +1210,7 @@ class MLP(nn.Module):
             nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x))
+        return self.out(self.body(x)).float()  # fp32 outputs under bf16 autocast (two-hot, actor dist)
 
 
 class Actor(nn.Module):
@@ -1296,6 +1300,7 @@ class Agent(nn.Module):
         super().__init__()
         self.cfg, self.action_dim, self.horizon = cfg, action_dim, horizon  # horizon: imagined steps per start
         self.discount, self.lam, self.entropy_scale = args.discount, args.return_lambda, args.entropy_scale
+        self.precision = args.precision
         self.kl_settings = (1.0, 0.1, 1.0)  # beta_dyn, beta_rep, free nats: pre-training's (set from its args)
         self.wm = WorldModel(cfg)
         feat_dim = cfg.deter + cfg.stoch * cfg.classes
@@ -1311,6 +1316,13 @@ class Agent(nn.Module):
         self.wm_opt = torch.optim.Adam(self.wm_params, lr=args.wm_lr, eps=1e-5, weight_decay=1e-6)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, eps=1e-5)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, eps=1e-5)
+
+    def autocast(self):
+        """bf16 autocast for the forward passes of an update (--precision); backward runs outside it."""
+        device = self.bins.device.type
+        if self.precision == "bf16" or (self.precision == "auto" and device == "cuda"):
+            return torch.autocast(device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def optimizers(self) -> dict:
         return {"wm": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
@@ -1347,7 +1359,8 @@ class Agent(nn.Module):
         Returns a dict of python floats; raises FloatingPointError on a non-finite loss."""
         B, T = batch["action"].shape[:2]
         t0 = time.perf_counter()
-        wm_loss, reward_loss, wm_metrics, post = self.world_model_loss(batch)
+        with self.autocast():
+            wm_loss, reward_loss, wm_metrics, post = self.world_model_loss(batch)
         self.wm_opt.zero_grad(set_to_none=True)
         (wm_loss + reward_loss).backward()
         wm_grad = nn.utils.clip_grad_norm_(self.wm_params, 100.0)
@@ -1361,22 +1374,23 @@ class Agent(nn.Module):
         del post
         actor_params, critic_params = list(self.actor.parameters()), list(self.critic.parameters())
         with frozen(self.wm, self.reward):
-            feats, ent = self.imagine(start, self.horizon)
-            # Heads on all H+1 states and slice their outputs: slicing the features instead would make the
-            # backward pass zero-fill and copy a feature-sized gradient buffer.
-            reward = twohot_mean(self.reward(feats), self.bins)[1:]  # [H, N]: reward[t] at state t+1
-            logits = self.critic(feats)  # [H+1, N, 255]
-            value = twohot_mean(logits, self.bins)
-            ret = lambda_return(reward, value, self.discount, self.lam)  # [H, N]
-            self.return_norm.update(ret)
-            scale = self.return_norm.scale()
-            weight = self.discount ** torch.arange(self.horizon, device=ret.device, dtype=ret.dtype)[:, None]
-            actor_loss = -(weight * ret).mean() / scale - self.entropy_scale * (weight * ent).mean()
-            with torch.no_grad():  # regulariser target: the slow critic's prediction (DreamerV3)
-                slow = twohot_mean(self.slow_critic(feats[:-1]), self.bins)
-            logits = logits[:-1]
-            critic_loss = (weight * (twohot_nll(logits, ret.detach(), self.bins)
-                                     + twohot_nll(logits, slow, self.bins))).mean()
+            with self.autocast():
+                feats, ent = self.imagine(start, self.horizon)
+                # Heads on all H+1 states and slice their outputs: slicing the features instead would make the
+                # backward pass zero-fill and copy a feature-sized gradient buffer.
+                reward = twohot_mean(self.reward(feats), self.bins)[1:]  # [H, N]: reward[t] at state t+1
+                logits = self.critic(feats)  # [H+1, N, 255]
+                value = twohot_mean(logits, self.bins)
+                ret = lambda_return(reward, value, self.discount, self.lam)  # [H, N]
+                self.return_norm.update(ret)
+                scale = self.return_norm.scale()
+                weight = self.discount ** torch.arange(self.horizon, device=ret.device, dtype=ret.dtype)[:, None]
+                actor_loss = -(weight * ret).mean() / scale - self.entropy_scale * (weight * ent).mean()
+                with torch.no_grad():  # regulariser target: the slow critic's prediction (DreamerV3)
+                    slow = twohot_mean(self.slow_critic(feats[:-1]), self.bins)
+                logits = logits[:-1]
+                critic_loss = (weight * (twohot_nll(logits, ret.detach(), self.bins)
+                                         + twohot_nll(logits, slow, self.bins))).mean()
             self.actor_opt.zero_grad(set_to_none=True)
             self.critic_opt.zero_grad(set_to_none=True)
             actor_loss.backward(inputs=actor_params, retain_graph=True)
@@ -1678,8 +1692,8 @@ def main(args: Args) -> None:
             if resume_ckpt.get("format_version") != FORMAT_VERSION or resume_ckpt.get("script") != SCRIPT:
                 fail(f"{ckpt_path} is not a {SCRIPT} checkpoint of format version {FORMAT_VERSION}")
             saved = dict(resume_ckpt["args"])
-            ignore = {"resume", "env_steps", "threads", "device", "out_dir", "eval_every", "eval_episodes",
-                      "checkpoint_every", "video"}
+            ignore = {"resume", "env_steps", "threads", "device", "precision", "out_dir", "eval_every",
+                      "eval_episodes", "checkpoint_every", "video"}
             diff = [k for k in asdict(args) if k not in ignore and saved.get(k) != getattr(args, k)]
             if diff:
                 fail(f"--resume with settings that differ from the run in {out_dir}: "
@@ -1739,7 +1753,8 @@ def main(args: Args) -> None:
     n_wm = sum(p.numel() for p in agent.wm.parameters())
     n_ac = sum(p.numel() for m in (agent.actor, agent.critic, agent.reward) for p in m.parameters())
     log(f"[finetune] {args.task} ({env.embodiment}, {A} action dims), size {size}, variant {variant_name(args)}, "
-        f"world model {n_wm / 1e6:.2f}M params, heads {n_ac / 1e6:.2f}M, device {device}, out {out_dir}")
+        f"world model {n_wm / 1e6:.2f}M params, heads {n_ac / 1e6:.2f}M, device {device}, "
+        f"{'bf16 autocast' if isinstance(agent.autocast(), torch.autocast) else 'fp32'}, out {out_dir}")
 
     # 1. Retrieval (Eq. 4): the k offline episodes nearest to the task's reset frames, same action dim.
     offline = SequenceReplay() if need_retrieval else None

@@ -101,8 +101,9 @@ class Args:
     """metrics.jsonl / TensorBoard / progress line every this many updates (averaged over them)"""
     threads: Optional[int] = None
     """torch CPU threads per process (default: torch's choice)"""
-    bf16: bool = True
-    """bf16 autocast on GPU (mixed precision); ignored on CPU"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """matmul/conv precision: auto = bf16 autocast on GPU, fp32 on CPU; bf16 on a CPU with AVX512-BF16 or AMX
+    about halves the update time (README, Speed); on a CPU without them it is slower than fp32"""
 
 
 RUN_DEFINING = ("embodiments", "size", "seed", "batch_size", "seq_len", "lr", "adam_eps", "weight_decay",
@@ -727,7 +728,8 @@ def train_step(world_model: nn.Module, optimizer: torch.optim.Optimizer, batch: 
 @torch.no_grad()
 def openloop_eval(world_model: WorldModel, clips: dict, device: torch.device, context: int = 5):
     """Per embodiment: observe `context` frames, then imagine the rest with the true actions.
-    Returns ({embodiment: open-loop MSE per pixel in [0, 1] scale}, {embodiment: video frames uint8})."""
+    Returns ({embodiment: open-loop MSE per pixel in [0, 1] scale, embodiment_copy: the same for repeating
+    the last context frame}, {embodiment: video frames uint8})."""
     results, videos = {}, {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # evaluation never moves the training RNG (resume stays exact)
@@ -746,6 +748,8 @@ def openloop_eval(world_model: WorldModel, clips: dict, device: torch.device, co
             model = world_model.decoder(torch.cat(feats, 1)).float().add(0.5).clamp(0, 1)
             truth = image.float() / 255.0
             results[emb] = float((model[:, context:] - truth[:, context:]).square().mean())
+            # baseline: repeat the last context frame (a model must beat it to have learned any motion)
+            results[f"{emb}_copy"] = float((truth[:, context - 1 : context] - truth[:, context:]).square().mean())
             # video: rows = clips, each row [truth | model]; frames over time
             frames = torch.cat([truth, model], 3)  # [B, T, H, 2W, 3]
             frames = frames.permute(1, 0, 2, 3, 4).reshape(frames.shape[1], -1, frames.shape[3], 3)
@@ -936,7 +940,8 @@ def main(args: Args):
             torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
         model = torch.nn.parallel.DistributedDataParallel(_LossModule(world_model),
                                                           device_ids=[local_rank] if use_cuda else None)
-    autocast_dtype = torch.bfloat16 if (use_cuda and args.bf16) else None
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and use_cuda)
+    autocast_dtype = torch.bfloat16 if bf16 else None
 
     # -- outputs (rank 0 only) -------------------------------------------------------------------------------
     writer = None
@@ -953,8 +958,8 @@ def main(args: Args):
     metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
     log(f"{PROG}: {args.size} world model, {n_params / 1e6:.2f}M parameters; embodiments {embodiments}; "
         f"{len(train_rows)} train / {sum(len(v) for v in held_rows.values())} held-out episodes; pool "
-        f"{pool.slots} episodes; batch {batch_size} x {seq_len} x {world_size} process(es); device {device}; "
-        f"step {step}/{args.steps}")
+        f"{pool.slots} episodes; batch {batch_size} x {seq_len} x {world_size} process(es); device {device} "
+        f"({'bf16 autocast' if autocast_dtype is not None else 'fp32'}); step {step}/{args.steps}")
 
     def save_checkpoint():
         states = {**rng_state(device), "pool": pool.state()}
@@ -978,13 +983,15 @@ def main(args: Args):
         world_model.train()
         for emb, frames in videos.items():
             write_video(out_dir / "videos" / f"openloop-{emb}-{step:08d}.gif", frames)
-        record = {"step": step, **{f"openloop_mse/{e}": v for e, v in mse.items()}}
+        record = {"step": step, **{f"openloop_mse/{e}": v for e, v in mse.items() if not e.endswith("_copy")},
+                  **{f"openloop_copy_mse/{e[:-5]}": v for e, v in mse.items() if e.endswith("_copy")}}
         for k, v in record.items():
             if k != "step":
                 writer.add_scalar(k, v, step)
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        log(f"step {step}: open-loop MSE " + ", ".join(f"{e} {v:.5f}" for e, v in mse.items()))
+        log(f"step {step}: open-loop MSE (repeat-last-frame baseline) "
+            + ", ".join(f"{e} {mse[e]:.5f} ({mse[e + '_copy']:.5f})" for e in clips))
 
     # -- training loop --------------------------------------------------------------------------------------
     sums, n_sum = {}, 0

@@ -183,10 +183,11 @@ def test_guidance_window_units(length):
 # Rehearsal: the reward loss sees online rows only
 # ---------------------------------------------------------------------------------------------------------
 
-def tiny_agent(action_dim=6, seed=0):
+def tiny_agent(action_dim=6, seed=0, precision="auto"):
     torch.manual_seed(seed)
     p = ft.AGENT_SIZES["tiny"]
-    agent = ft.Agent(ft.model_config_for("tiny"), p["units"], p["layers"], action_dim, p["horizon"], ft.Args())
+    agent = ft.Agent(ft.model_config_for("tiny"), p["units"], p["layers"], action_dim, p["horizon"],
+                     ft.Args(precision=precision))
     return agent
 
 
@@ -221,6 +222,21 @@ def test_update_runs_and_rejects_non_finite_loss():
         agent.reward.out.bias[0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         agent.update(ft.random_batch(4, 6, 6, online_rows=3))
+
+
+def test_bf16_update_is_close_to_fp32_and_heads_stay_fp32():
+    batch = ft.random_batch(4, 6, 6, online_rows=3)
+    metrics = {}
+    for precision in ("fp32", "bf16"):  # same initial weights, batch and sampling noise
+        agent = tiny_agent(precision=precision)
+        with agent.autocast():
+            assert agent.critic(torch.randn(3, agent.critic.body[0].in_features)).dtype == torch.float32
+        torch.manual_seed(3)
+        metrics[precision] = ft.train_step(agent, batch)
+    assert not isinstance(tiny_agent().autocast(), torch.autocast)  # auto = fp32 on a CPU
+    for key in ("wm_loss", "reward_loss", "critic_loss"):
+        a, b = metrics["fp32"][key], metrics["bf16"][key]
+        assert math.isfinite(b) and abs(a - b) <= 0.02 * abs(a), (key, a, b)
 
 
 def test_padded_action_dims_stay_zero():

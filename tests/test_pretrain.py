@@ -1,6 +1,7 @@
 """Tests of pretrain_wm.py: RSSM pieces, the data pool, training, resume, DDP, bad inputs. Tiny and fast."""
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -211,7 +212,7 @@ def test_tiny_run_learns_and_writes_outputs(data, tmp_path):
     wm.load_state_dict(ckpt["model"], strict=True)
     assert json.loads((out / "args.json").read_text())["size"] == "tiny"
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "openloop_mse" in x]
-    assert set(evals[-1]) == {"step"} | {f"openloop_mse/{e}" for e in P.EMBODIMENTS}
+    assert set(evals[-1]) == {"step"} | {f"openloop{kind}_mse/{e}" for e in P.EMBODIMENTS for kind in ("", "_copy")}
     assert len(list((out / "videos").glob("openloop-walker-*.gif"))) == 1
     assert list((out / "tb").iterdir())
     # a second run into the same directory without --resume refuses and leaves the checkpoint alone
@@ -219,6 +220,12 @@ def test_tiny_run_learns_and_writes_outputs(data, tmp_path):
     with pytest.raises(SystemExit, match="exists; pass --resume"):
         run(data, out)
     assert (out / "wm.pt").read_bytes() == before
+
+
+def test_bf16_on_cpu_runs_and_learns(data, tmp_path):
+    lines = run(data, tmp_path / "run", steps=30, log_every=10, eval_every=30, lr=1e-3, precision="bf16")
+    assert all(math.isfinite(x["loss"]) for x in lines)
+    assert lines[-1]["loss"] < 0.8 * lines[0]["loss"], (lines[0]["loss"], lines[-1]["loss"])
 
 
 def test_resume_gives_the_same_losses(data, tmp_path):
