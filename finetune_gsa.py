@@ -11,9 +11,10 @@ from scratch), --no-rehearsal, --no-guidance, --guidance jsrl (the prior acts on
 
 Reads:  --checkpoint (pretrain_wm.py's wm.pt), --index-dir (retrieval.py build's index.faiss + index.json),
         --data-dir (collect_offline.py's manifest.json + episode .npz files; only the retrieved ones are read).
-Writes: <out-dir>/args.json, metrics.jsonl (one line per evaluation), train.jsonl (training losses),
-        retrieval.json (D_r), tb/ (TensorBoard), videos/eval-<env_steps>.mp4, replay/ep-<n>.npz (online
-        episodes), ckpt.pt (everything needed by --resume).
+Writes: <out-dir>/args.json, metrics.jsonl (one line per evaluation), train.jsonl (training losses, one line
+        per episode that trained), episodes.jsonl (one line per collected episode: return, length, warm-up or
+        not, guidance p and pi_bc's window), retrieval.json (D_r), tb/ (TensorBoard),
+        videos/eval-<env_steps>.mp4, replay/ep-<n>.npz (online episodes), ckpt.pt (everything --resume needs).
 
 Example:
     python finetune_gsa.py --task walker-run                      # runs/pretrain/wm.pt, runs/index, data/offline
@@ -1856,7 +1857,7 @@ def main(args: Args) -> None:
     log(f"[finetune] batch {b_on}+{b_off} x {L}, horizon {H}, train ratio {preset['train_ratio']} "
         f"({preset['train_ratio'] / (B * L):.4f} updates per agent step), warm-up {warmup_total} frames, "
         f"guidance {'off' if not use_guidance else f'{args.guidance} p {g_start}->{g_end} over {g_frames} frames'}")
-    for name in ("metrics.jsonl", "train.jsonl"):  # drop lines written after the checkpoint we resume from
+    for name in ("metrics.jsonl", "train.jsonl", "episodes.jsonl"):  # drop lines after the resumed checkpoint
         path = out_dir / name
         if path.is_file():
             kept = [line for line in path.read_text().splitlines()
@@ -1864,6 +1865,7 @@ def main(args: Args) -> None:
             write_atomic(path, "".join(line + "\n" for line in kept).encode())
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     train_file = open(out_dir / "train.jsonl", "a")
+    episodes_file = open(out_dir / "episodes.jsonl", "a")  # one line per collected (training) episode
     rate_t, rate_frames = time.time(), counters["env_frames"]
     try:
         while counters["env_frames"] < args.env_steps:
@@ -1889,6 +1891,13 @@ def main(args: Args) -> None:
             writer.add_scalar("episode/return", stats["return"], counters["env_frames"])
             writer.add_scalar("episode/prior_steps", stats["prior_steps"], counters["env_frames"])
             writer.add_scalar("episode/guidance_p", p, counters["env_frames"])
+            episode_line = {"env_steps": counters["env_frames"], "episode": counters["episodes"] - 1,
+                            "return": stats["return"], "length": stats["length"], "warmup": warm,
+                            "guidance_p": p, "prior_first": window[0], "prior_steps": stats["prior_steps"]}
+            if env.is_metaworld:
+                episode_line.update(success=stats["success"], success_any=stats["success_any"])
+            episodes_file.write(json.dumps(episode_line) + "\n")
+            episodes_file.flush()
 
             # 4. Updates at the replay ratio (counted over all agent steps, so the first ones come in a burst
             # after the warm-up).
@@ -1950,6 +1959,7 @@ def main(args: Args) -> None:
     finally:
         metrics_file.close()
         train_file.close()
+        episodes_file.close()
         writer.close()
         env.close()
         if eval_env is not None:
