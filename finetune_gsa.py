@@ -139,6 +139,10 @@ class Args:
     """replayed steps per agent step; updates per agent step = train_ratio / (batch_size * seq_len)"""
     warmup_frames: Optional[int] = None
     """env frames collected before training, whole episodes by pi_bc (random without guidance); default: preset"""
+    pay_back_warmup: bool = False
+    """also do the updates owed for the warm-up's agent steps, in one burst when the warm-up ends (this
+    repository's behaviour until 2026-11-24, used by results/cpu_scale). Default: count the train ratio from the
+    end of the warm-up, as DreamerV3's ratio counter does after its prefill"""
     bc_steps: Optional[int] = None
     """behaviour-cloning steps of the prior (default: preset; paper 150k)"""
     eval_every: Optional[int] = None
@@ -1736,7 +1740,7 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
     counters = {"env_frames": 0, "agent_steps": 0, "episodes": 0, "updates": 0, "evals": 0, "wall_time": 0.0,
-                "last_ckpt_frames": 0}
+                "last_ckpt_frames": 0, "train_origin": -1}  # train_origin: agent steps when training began
     if resume_ckpt is not None:
         counters.update(resume_ckpt["counters"])
     env = make_env(args.task, seed=args.seed + 1000 * counters["episodes"])
@@ -1899,14 +1903,18 @@ def main(args: Args) -> None:
             episodes_file.write(json.dumps(episode_line) + "\n")
             episodes_file.flush()
 
-            # 4. Updates at the replay ratio (counted over all agent steps, so the first ones come in a burst
-            # after the warm-up).
+            # 4. Updates at the replay ratio, counted from the end of the warm-up: one update then, and one per
+            # (batch x length / train ratio) agent steps after it (DreamerV3's ratio counter). With
+            # --pay-back-warmup the count starts at agent step 0, so the warm-up's updates come in one burst.
             summed, n_upd = {}, 0
             if counters["env_frames"] >= warmup_total:
-                due = int(counters["agent_steps"] * preset["train_ratio"] / (B * L)) - counters["updates"]
+                if counters["train_origin"] < 0:
+                    counters["train_origin"] = 0 if args.pay_back_warmup else counters["agent_steps"]
+                owed = int((counters["agent_steps"] - counters["train_origin"]) * preset["train_ratio"] / (B * L))
+                due = owed + (0 if args.pay_back_warmup else 1) - counters["updates"]
                 t_note = time.time()
                 for i in range(max(due, 0)):
-                    if time.time() - t_note > 60:  # long bursts (the first updates after the warm-up)
+                    if time.time() - t_note > 60:  # a progress line during a long run of updates
                         log(f"[finetune] update {i}/{due} of this episode ({counters['updates']} in all)")
                         t_note = time.time()
                     on = online.sample(np_rng, b_on, L)

@@ -302,6 +302,15 @@ def test_no_pretrain_dmc_run_writes_metrics(tmp_path):
     assert ckpt["counters"]["env_frames"] == 80 and ckpt["bc_prior"] is None
 
 
+def test_train_ratio_counts_from_the_end_of_warmup(tmp_path):
+    # tiny: train ratio 16 / (batch 4 x length 8) = 0.5 updates per agent step; 20-step episodes; the warm-up is
+    # the first episode. DreamerV3 counting: 1 update when it ends, then 10 per episode. Paying back: 10 and 10.
+    for pay_back, expected in ((False, [1, 10]), (True, [10, 10])):
+        out = tmp_path / f"pay_back_{pay_back}"
+        run_main(task="cartpole-balance", no_pretrain=True, env_steps=80, out_dir=str(out), pay_back_warmup=pay_back)
+        assert [line["updates_this_episode"] for line in read_jsonl(out / "train.jsonl")] == expected
+
+
 def test_metaworld_run_reports_success(tmp_path, artifacts):
     out = tmp_path / "mw"
     run_main(task="mw-reach", no_rehearsal=True, no_guidance=True, checkpoint=artifacts["checkpoint"],
