@@ -11,9 +11,10 @@ from scratch), --no-rehearsal, --no-guidance, --guidance jsrl (the prior acts on
 
 Reads:  --checkpoint (pretrain_wm.py's wm.pt), --index-dir (retrieval.py build's index.faiss + index.json),
         --data-dir (collect_offline.py's manifest.json + episode .npz files; only the retrieved ones are read).
-Writes: <out-dir>/args.json, metrics.jsonl (one line per evaluation), train.jsonl (training losses),
-        retrieval.json (D_r), tb/ (TensorBoard), videos/eval-<env_steps>.mp4, replay/ep-<n>.npz (online
-        episodes), ckpt.pt (everything needed by --resume).
+Writes: <out-dir>/args.json, metrics.jsonl (one line per evaluation), train.jsonl (training losses, one line
+        per episode that trained), episodes.jsonl (one line per collected episode: return, length, warm-up or
+        not, guidance p and pi_bc's window), retrieval.json (D_r), tb/ (TensorBoard),
+        videos/eval-<env_steps>.mp4, replay/ep-<n>.npz (online episodes), ckpt.pt (everything --resume needs).
 
 Example:
     python finetune_gsa.py --task walker-run                      # runs/pretrain/wm.pt, runs/index, data/offline
@@ -138,6 +139,10 @@ class Args:
     """replayed steps per agent step; updates per agent step = train_ratio / (batch_size * seq_len)"""
     warmup_frames: Optional[int] = None
     """env frames collected before training, whole episodes by pi_bc (random without guidance); default: preset"""
+    pay_back_warmup: bool = False
+    """also do the updates owed for the warm-up's agent steps, in one burst when the warm-up ends (this
+    repository's behaviour until 2026-11-24, used by results/cpu_scale). Default: count the train ratio from the
+    end of the warm-up, as DreamerV3's ratio counter does after its prefill"""
     bc_steps: Optional[int] = None
     """behaviour-cloning steps of the prior (default: preset; paper 150k)"""
     eval_every: Optional[int] = None
@@ -1735,7 +1740,7 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
     counters = {"env_frames": 0, "agent_steps": 0, "episodes": 0, "updates": 0, "evals": 0, "wall_time": 0.0,
-                "last_ckpt_frames": 0}
+                "last_ckpt_frames": 0, "train_origin": -1}  # train_origin: agent steps when training began
     if resume_ckpt is not None:
         counters.update(resume_ckpt["counters"])
     env = make_env(args.task, seed=args.seed + 1000 * counters["episodes"])
@@ -1856,7 +1861,7 @@ def main(args: Args) -> None:
     log(f"[finetune] batch {b_on}+{b_off} x {L}, horizon {H}, train ratio {preset['train_ratio']} "
         f"({preset['train_ratio'] / (B * L):.4f} updates per agent step), warm-up {warmup_total} frames, "
         f"guidance {'off' if not use_guidance else f'{args.guidance} p {g_start}->{g_end} over {g_frames} frames'}")
-    for name in ("metrics.jsonl", "train.jsonl"):  # drop lines written after the checkpoint we resume from
+    for name in ("metrics.jsonl", "train.jsonl", "episodes.jsonl"):  # drop lines after the resumed checkpoint
         path = out_dir / name
         if path.is_file():
             kept = [line for line in path.read_text().splitlines()
@@ -1864,6 +1869,7 @@ def main(args: Args) -> None:
             write_atomic(path, "".join(line + "\n" for line in kept).encode())
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     train_file = open(out_dir / "train.jsonl", "a")
+    episodes_file = open(out_dir / "episodes.jsonl", "a")  # one line per collected (training) episode
     rate_t, rate_frames = time.time(), counters["env_frames"]
     try:
         while counters["env_frames"] < args.env_steps:
@@ -1889,15 +1895,26 @@ def main(args: Args) -> None:
             writer.add_scalar("episode/return", stats["return"], counters["env_frames"])
             writer.add_scalar("episode/prior_steps", stats["prior_steps"], counters["env_frames"])
             writer.add_scalar("episode/guidance_p", p, counters["env_frames"])
+            episode_line = {"env_steps": counters["env_frames"], "episode": counters["episodes"] - 1,
+                            "return": stats["return"], "length": stats["length"], "warmup": warm,
+                            "guidance_p": p, "prior_first": window[0], "prior_steps": stats["prior_steps"]}
+            if env.is_metaworld:
+                episode_line.update(success=stats["success"], success_any=stats["success_any"])
+            episodes_file.write(json.dumps(episode_line) + "\n")
+            episodes_file.flush()
 
-            # 4. Updates at the replay ratio (counted over all agent steps, so the first ones come in a burst
-            # after the warm-up).
+            # 4. Updates at the replay ratio, counted from the end of the warm-up: one update then, and one per
+            # (batch x length / train ratio) agent steps after it (DreamerV3's ratio counter). With
+            # --pay-back-warmup the count starts at agent step 0, so the warm-up's updates come in one burst.
             summed, n_upd = {}, 0
             if counters["env_frames"] >= warmup_total:
-                due = int(counters["agent_steps"] * preset["train_ratio"] / (B * L)) - counters["updates"]
+                if counters["train_origin"] < 0:
+                    counters["train_origin"] = 0 if args.pay_back_warmup else counters["agent_steps"]
+                owed = int((counters["agent_steps"] - counters["train_origin"]) * preset["train_ratio"] / (B * L))
+                due = owed + (0 if args.pay_back_warmup else 1) - counters["updates"]
                 t_note = time.time()
                 for i in range(max(due, 0)):
-                    if time.time() - t_note > 60:  # long bursts (the first updates after the warm-up)
+                    if time.time() - t_note > 60:  # a progress line during a long run of updates
                         log(f"[finetune] update {i}/{due} of this episode ({counters['updates']} in all)")
                         t_note = time.time()
                     on = online.sample(np_rng, b_on, L)
@@ -1950,6 +1967,7 @@ def main(args: Args) -> None:
     finally:
         metrics_file.close()
         train_file.close()
+        episodes_file.close()
         writer.close()
         env.close()
         if eval_env is not None:

@@ -302,6 +302,15 @@ def test_no_pretrain_dmc_run_writes_metrics(tmp_path):
     assert ckpt["counters"]["env_frames"] == 80 and ckpt["bc_prior"] is None
 
 
+def test_train_ratio_counts_from_the_end_of_warmup(tmp_path):
+    # tiny: train ratio 16 / (batch 4 x length 8) = 0.5 updates per agent step; 20-step episodes; the warm-up is
+    # the first episode. DreamerV3 counting: 1 update when it ends, then 10 per episode. Paying back: 10 and 10.
+    for pay_back, expected in ((False, [1, 10]), (True, [10, 10])):
+        out = tmp_path / f"pay_back_{pay_back}"
+        run_main(task="cartpole-balance", no_pretrain=True, env_steps=80, out_dir=str(out), pay_back_warmup=pay_back)
+        assert [line["updates_this_episode"] for line in read_jsonl(out / "train.jsonl")] == expected
+
+
 def test_metaworld_run_reports_success(tmp_path, artifacts):
     out = tmp_path / "mw"
     run_main(task="mw-reach", no_rehearsal=True, no_guidance=True, checkpoint=artifacts["checkpoint"],
@@ -309,6 +318,8 @@ def test_metaworld_run_reports_success(tmp_path, artifacts):
              out_dir=str(out))
     (line,) = read_jsonl(out / "metrics.jsonl")
     assert line["env_steps"] == 40 and 0.0 <= line["eval_success"] <= line["eval_success_any"] <= 1.0
+    episodes = read_jsonl(out / "episodes.jsonl")
+    assert len(episodes) == 2 and all(e["prior_steps"] == 0 and "success_any" in e for e in episodes)
 
 
 def test_gsa_run_retrieves_and_guides(tmp_path, artifacts):
@@ -320,6 +331,12 @@ def test_gsa_run_retrieves_and_guides(tmp_path, artifacts):
     assert ckpt["bc_prior"] is not None and ckpt["counters"]["env_frames"] == 120
     first = np.load(out / "replay" / "ep-000000.npz")
     assert first["action"].shape == (21, 12) and (first["action"][:, 6:] == 0).all()
+    episodes = read_jsonl(out / "episodes.jsonl")
+    assert [e["episode"] for e in episodes] == list(range(len(list((out / "replay").glob("ep-*.npz")))))
+    assert episodes[0]["warmup"] and episodes[0]["prior_steps"] == episodes[0]["length"] == 20  # pi_bc warm-up
+    assert episodes[0]["return"] == pytest.approx(float(first["reward"].sum()), abs=1e-4)
+    for e in episodes:
+        assert 0 <= e["prior_first"] and e["prior_first"] + e["prior_steps"] <= e["length"]
 
 
 def test_checkpoint_round_trip_gives_identical_update(tmp_path):
@@ -370,6 +387,8 @@ def test_resume_after_kill_reaches_same_counters(tmp_path, artifacts):
     steps = lambda d: [line["env_steps"] for line in read_jsonl(d / "metrics.jsonl")]  # noqa: E731
     assert steps(full) == steps(killed) == [80, 160]
     assert len(list((killed / "replay").glob("ep-*.npz"))) == 4
+    episodes = lambda d: [(e["episode"], e["env_steps"]) for e in read_jsonl(d / "episodes.jsonl")]  # noqa: E731
+    assert episodes(full) == episodes(killed) == [(0, 40), (1, 80), (2, 120), (3, 160)]
 
 
 def test_unknown_task_errors(tmp_path):
