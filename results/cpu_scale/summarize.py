@@ -111,15 +111,17 @@ def main(args: Args) -> None:
     (out / "summary.md").write_text(text)
     print(text)
     tasks = sorted({r["task"] for r in runs})
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(tasks), figsize=(5.5 * len(tasks), 10.5), squeeze=False)
     colors = {"gsa": "C0", "pretrain-only": "C2", "no-pretrain": "C3", "other": "C7"}
     for j, task in enumerate(tasks):
         for r in (r for r in runs if r["task"] == task):
             kw = dict(color=colors[r["variant"]], alpha=0.8, label=f"{r['variant']} s{r['seed']}")
             axes[0, j].plot(r["ep_frames"], r["ep_returns"], **kw)
             axes[1, j].plot([t["env_steps"] for t in r["train"]], [t["wm/image_mse"] for t in r["train"]], **kw)
+            axes[2, j].plot([e["env_steps"] for e in r["evals"]], [e["eval_return"] for e in r["evals"]], **kw)
         axes[0, j].set(title=f"{task}: training-episode return", xlabel="env frames")
         axes[1, j].set(title=f"{task}: world-model image MSE (per update)", xlabel="env frames", yscale="log")
+        axes[2, j].set(title=f"{task}: eval return (policy mode, no prior)", xlabel="env frames")
         axes[0, j].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "train-curves.png", dpi=110)
