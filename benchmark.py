@@ -234,10 +234,10 @@ def main(args: Args) -> None:
     results = []
     for stage in args.stages:
         for size in (["-"] if stage == "env" else args.sizes):
+            if size == "paper" and args.device == "cpu":
+                print(f"skip {stage}:{size} (GPU only)", flush=True)
+                continue
             for precision in (args.precision if stage in ("pretrain", "finetune") else ["fp32"]):
-                if size == "paper" and args.device == "cpu":
-                    print(f"skip {stage}:{size} (GPU only)", flush=True)
-                    continue
                 cmd = [sys.executable, __file__, "--one", f"{stage}:{size}", "--threads", str(args.threads),
                        "--updates", str(args.updates), "--env-steps", str(args.env_steps),
                        "--retrieval-rows", str(args.retrieval_rows), "--device", args.device,

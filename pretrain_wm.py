@@ -728,8 +728,8 @@ def train_step(world_model: nn.Module, optimizer: torch.optim.Optimizer, batch: 
 @torch.no_grad()
 def openloop_eval(world_model: WorldModel, clips: dict, device: torch.device, context: int = 5):
     """Per embodiment: observe `context` frames, then imagine the rest with the true actions.
-    Returns ({embodiment: open-loop MSE per pixel in [0, 1] scale, embodiment_copy: the same for repeating
-    the last context frame}, {embodiment: video frames uint8})."""
+    Returns ({embodiment: {"model": open-loop MSE per pixel in [0, 1] scale, "copy": the same for repeating
+    the last context frame}}, {embodiment: video frames uint8})."""
     results, videos = {}, {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # evaluation never moves the training RNG (resume stays exact)
@@ -747,9 +747,9 @@ def openloop_eval(world_model: WorldModel, clips: dict, device: torch.device, co
             feats.append(torch.stack(preds, 1))
             model = world_model.decoder(torch.cat(feats, 1)).float().add(0.5).clamp(0, 1)
             truth = image.float() / 255.0
-            results[emb] = float((model[:, context:] - truth[:, context:]).square().mean())
-            # baseline: repeat the last context frame (a model must beat it to have learned any motion)
-            results[f"{emb}_copy"] = float((truth[:, context - 1 : context] - truth[:, context:]).square().mean())
+            # baseline "copy": repeat the last context frame (a model must beat it to have learned any motion)
+            results[emb] = {"model": float((model[:, context:] - truth[:, context:]).square().mean()),
+                            "copy": float((truth[:, context - 1 : context] - truth[:, context:]).square().mean())}
             # video: rows = clips, each row [truth | model]; frames over time
             frames = torch.cat([truth, model], 3)  # [B, T, H, 2W, 3]
             frames = frames.permute(1, 0, 2, 3, 4).reshape(frames.shape[1], -1, frames.shape[3], 3)
@@ -983,15 +983,15 @@ def main(args: Args):
         world_model.train()
         for emb, frames in videos.items():
             write_video(out_dir / "videos" / f"openloop-{emb}-{step:08d}.gif", frames)
-        record = {"step": step, **{f"openloop_mse/{e}": v for e, v in mse.items() if not e.endswith("_copy")},
-                  **{f"openloop_copy_mse/{e[:-5]}": v for e, v in mse.items() if e.endswith("_copy")}}
+        record = {"step": step, **{f"openloop_mse/{e}": v["model"] for e, v in mse.items()},
+                  **{f"openloop_copy_mse/{e}": v["copy"] for e, v in mse.items()}}
         for k, v in record.items():
             if k != "step":
                 writer.add_scalar(k, v, step)
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         log(f"step {step}: open-loop MSE (repeat-last-frame baseline) "
-            + ", ".join(f"{e} {mse[e]:.5f} ({mse[e + '_copy']:.5f})" for e in clips))
+            + ", ".join(f"{e} {v['model']:.5f} ({v['copy']:.5f})" for e, v in mse.items()))
 
     # -- training loop --------------------------------------------------------------------------------------
     sums, n_sum = {}, 0

@@ -46,7 +46,7 @@ def main(args: Args) -> None:
         n = min(len(e["image"]) for e in eps)
         clips = {emb: {k: np.stack([e[k][:n] for e in eps]) for k in ("image", "action", "is_first")}}
         mse, _ = P.openloop_eval(wm, clips, torch.device("cpu"))
-        row = {"held_out_episodes": len(eps), "model_mse": mse[emb], "repeat_last_frame_mse": mse[f"{emb}_copy"]}
+        row = {"held_out_episodes": len(eps), "model_mse": mse[emb]["model"], "repeat_last_frame_mse": mse[emb]["copy"]}
         out["per_embodiment"][emb] = row
         print(f"{emb}: {len(eps)} held-out episodes, open-loop MSE {row['model_mse']:.5f} "
               f"(repeat last frame {row['repeat_last_frame_mse']:.5f})")
