@@ -128,8 +128,8 @@ def bench_finetune(args: Args, size: str) -> dict:
     device = torch.device(args.device)
     cfg, preset = F.model_config_for(size), F.AGENT_SIZES[size]
     A = 6  # walker
-    agent = F.Agent(cfg, preset["units"], preset["layers"], A, preset["horizon"],
-                    F.Args(task="walker-walk", precision=args.precision[0])).to(device)
+    agent = F.Agent(cfg, A, units=preset["units"], layers=preset["layers"], horizon=preset["horizon"],
+                    precision=args.precision[0]).to(device)
     B, T = preset["batch_size"], preset["seq_len"]
     batch = F.random_batch(B, T, A, online_rows=B - round(0.25 * B), device=device)
     wall, cpu = timed(lambda: F.train_step(agent, batch), args.updates)

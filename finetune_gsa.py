@@ -26,8 +26,13 @@ Choices worth knowing:
     trajectories use the constant discount (weights gamma^t).
   * Actor gradients come from backpropagating the normalised lambda-return through the learned dynamics (as the
     release does); the world model, reward head and critic get no update from the actor loss.
-  * Updates are due at train_ratio / (batch * seq_len) per agent step counted over the whole run, so the first
-    ones come in a burst right after the warm-up; then they follow every collected episode.
+  * Update timing is the release's: training starts once 10 episodes are in the replay (or at the end of the
+    warm-up, if sooner), so on Meta-World the world model, reward head and critic learn from the prior's
+    warm-up episodes before the RL policy acts; then train_ratio / (batch * seq_len) updates per agent step
+    follow every collected episode, with no catch-up burst.
+  * The actor's action is a normal sample clipped to [-1, 1] with a straight-through gradient (the release's),
+    and the critic's targets bootstrap from the slow critic (the release's); see actor_sample and
+    Agent.behavior_loss for why.
   * --no-pretrain has no encoder to query the index with, hence no retrieval, rehearsal or guidance.
   * --resume restores weights, optimisers, return normalisation, counters, RNG states and the online replay
     (replay/*.npz), but a simulator's state cannot be saved: the resumed train env is rebuilt with seed
@@ -139,10 +144,9 @@ class Args:
     """replayed steps per agent step; updates per agent step = train_ratio / (batch_size * seq_len)"""
     warmup_frames: Optional[int] = None
     """env frames collected before training, whole episodes by pi_bc (random without guidance); default: preset"""
-    pay_back_warmup: bool = False
-    """also do the updates owed for the warm-up's agent steps, in one burst when the warm-up ends (this
-    repository's behaviour until 2026-11-24, used by results/cpu_scale). Default: count the train ratio from the
-    end of the warm-up, as DreamerV3's ratio counter does after its prefill"""
+    train_after_episodes: int = 10
+    """training starts once this many episodes are in the replay, or when the warm-up ends if that is sooner
+    (the release: 10); from then on, updates follow every episode at the train ratio, with no catch-up burst"""
     bc_steps: Optional[int] = None
     """behaviour-cloning steps of the prior (default: preset; paper 150k)"""
     eval_every: Optional[int] = None
@@ -1042,8 +1046,12 @@ class SequenceReplay:
         flat = rng.integers(0, cum[-1], size=batch)
         eps = np.searchsorted(cum, flat, side="right")
         offs = flat - (cum[eps] - starts[eps])
-        return {key: np.stack([self.episodes[e][key][o:o + seq_len] for e, o in zip(eps, offs)])
-                for key in ("image", "action", "reward", "is_first")}
+        batch_ = {key: np.stack([self.episodes[e][key][o:o + seq_len] for e, o in zip(eps, offs)])
+                  for key in ("image", "action", "reward", "is_first")}
+        # Every window starts a sequence (as in pre-training, the release and DreamerV3): the model filters it
+        # from a zero state, and the RSSM zeroes the action that led into its first frame.
+        batch_["is_first"][:, 0] = True
+        return batch_
 
 
 def replay_path(out_dir: Path, index: int) -> Path:
@@ -1163,21 +1171,19 @@ class ReturnNorm(nn.Module):
         return torch.clamp(self.high - self.low, min=self.floor)
 
 
-def trunc_normal_rsample(mean: torch.Tensor, std: torch.Tensor, low: float = -1.0, high: float = 1.0):
-    """Reparameterised sample of N(mean, std) truncated to [low, high], by the inverse CDF."""
-    a, b = (low - mean) / std, (high - mean) / std
-    cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
-    u = torch.rand_like(mean)
-    p = (cdf_a + u * (cdf_b - cdf_a)).clamp(1e-6, 1.0 - 1e-6)
-    return (mean + std * torch.special.ndtri(p)).clamp(low, high)
+def actor_sample(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """a ~ N(mean, std) clipped to [-1, 1] with a straight-through gradient (the release's policy): the forward
+    value is clipped, the backward pass is that of the unclipped reparameterised sample mean + std * eps. So
+    d a / d std = eps, whose mean is 0: a reward linear in the action gives the std no gradient, wherever the
+    mean is. (The exact inverse-CDF truncated normal that this replaces gets d E[a] / d std = -0.61 at mean 0.5,
+    std 0.5: it shrinks its own std whenever the mean is off-centre.)"""
+    x = mean + std * torch.randn_like(mean)
+    return x + (x.clamp(-1.0, 1.0) - x).detach()
 
 
-def trunc_normal_entropy(mean: torch.Tensor, std: torch.Tensor, low: float = -1.0, high: float = 1.0):
-    """Entropy per dimension of N(mean, std) truncated to [low, high]."""
-    a, b = (low - mean) / std, (high - mean) / std
-    z = (torch.special.ndtr(b) - torch.special.ndtr(a)).clamp(min=1e-8)
-    pdf = lambda x: torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)  # noqa: E731
-    return torch.log(math.sqrt(2.0 * math.pi * math.e) * std * z) + (a * pdf(a) - b * pdf(b)) / (2.0 * z)
+def actor_entropy(std: torch.Tensor) -> torch.Tensor:
+    """Entropy of N(mean, std) per dimension, in closed form (the release estimates it by -log N(sample))."""
+    return torch.log(std) + 0.5 * math.log(2.0 * math.pi * math.e)
 
 
 @contextlib.contextmanager
@@ -1301,12 +1307,16 @@ def train_bc(prior: BCPrior, episodes: list, steps: int, batch: int, lr: float, 
 # ----------------------------------------------------------------------------------------------------------
 
 class Agent(nn.Module):
-    def __init__(self, cfg: ModelConfig, units: int, layers: int, action_dim: int, horizon: int, args: Args):
+    """World model, reward head and actor-critic. Hyperparameters are plain arguments (Sec. 3.3, appendix J)."""
+
+    def __init__(self, cfg: ModelConfig, action_dim: int, *, units: int, layers: int, horizon: int,
+                 discount: float = 0.99, return_lambda: float = 0.95, entropy_scale: float = 1e-4,
+                 wm_lr: float = 1e-4, actor_lr: float = 8e-5, critic_lr: float = 8e-5,
+                 kl: tuple = (1.0, 0.1, 1.0), precision: str = "auto"):
         super().__init__()
         self.cfg, self.action_dim, self.horizon = cfg, action_dim, horizon  # horizon: imagined steps per start
-        self.discount, self.lam, self.entropy_scale = args.discount, args.return_lambda, args.entropy_scale
-        self.precision = args.precision
-        self.kl_settings = (1.0, 0.1, 1.0)  # beta_dyn, beta_rep, free nats: pre-training's (set from its args)
+        self.discount, self.lam, self.entropy_scale = discount, return_lambda, entropy_scale
+        self.kl, self.precision = tuple(kl), precision  # kl: beta_dyn, beta_rep, free nats (pre-training's)
         self.wm = WorldModel(cfg)
         feat_dim = cfg.deter + cfg.stoch * cfg.classes
         self.reward = MLP(feat_dim, 255, units, layers, zero_output=True)
@@ -1318,9 +1328,9 @@ class Agent(nn.Module):
         self.register_buffer("act_mask", (torch.arange(MAX_ACTION_DIM) < action_dim).float())
         # World model and reward head share one optimiser (the reward loss also shapes the representation).
         self.wm_params = list(self.wm.parameters()) + list(self.reward.parameters())
-        self.wm_opt = torch.optim.Adam(self.wm_params, lr=args.wm_lr, eps=1e-5, weight_decay=1e-6)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, eps=1e-5)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, eps=1e-5)
+        self.wm_opt = torch.optim.Adam(self.wm_params, lr=wm_lr, eps=1e-5, weight_decay=1e-6)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=actor_lr, eps=1e-5)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic_lr, eps=1e-5)
 
     def autocast(self):
         """bf16 autocast for the forward passes of an update (--precision); backward runs outside it."""
@@ -1340,8 +1350,8 @@ class Agent(nn.Module):
         feats, ents = [rssm.get_feat(state)], []
         for _ in range(horizon):
             mean, std = self.actor(feats[-1].detach())
-            action = trunc_normal_rsample(mean, std) * self.act_mask
-            ents.append((trunc_normal_entropy(mean, std) * self.act_mask).sum(-1))
+            action = actor_sample(mean, std) * self.act_mask
+            ents.append((actor_entropy(std) * self.act_mask).sum(-1))
             state = rssm.img_step(state, action)
             feats.append(rssm.get_feat(state))
         return torch.stack(feats), torch.stack(ents)
@@ -1350,7 +1360,7 @@ class Agent(nn.Module):
         """Eq. 1 on online and rehearsal rows plus the reward head's two-hot loss on online rows only (D_r
         has no reward). -> (world-model loss, reward loss, metrics, posterior states [B, T, ...])."""
         B, T = batch["action"].shape[:2]
-        dyn_scale, rep_scale, free = self.kl_settings
+        dyn_scale, rep_scale, free = self.kl
         wm_loss, wm_metrics, post = self.wm.loss(batch["image"], batch["action"], batch["is_first"], dyn_scale,
                                                  rep_scale, free)
         reward_nll = twohot_nll(self.reward(self.wm.rssm.get_feat(post)), batch["reward"], self.bins)  # [B, T]
@@ -1358,70 +1368,76 @@ class Agent(nn.Module):
         reward_loss = (reward_nll * mask).sum() / mask.sum().clamp(min=1.0)
         return wm_loss, reward_loss, wm_metrics, post
 
+    def behavior_loss(self, start: dict):
+        """Actor (Eq. 3) and critic losses on one imagined batch from the start states [N, ...].
+
+        Returns are Eq. 2's lambda-returns bootstrapped from the slow critic (the release's choice): the
+        critic regresses them, the actor maximises them through the dynamics, normalised by DreamerV3's
+        percentile scale. DreamerV3 bootstraps from the fast critic and adds a regulariser toward the slow one;
+        under a constant reward that version's value stays further below its target (tests/test_finetune.py).
+        The critic runs once on the imagined features; the actor's gradient goes through it, the reward head
+        and the dynamics (all frozen here), the critic's only into its own weights."""
+        feats, ent = self.imagine(start, self.horizon)
+        # Heads on all H+1 states and slice their outputs: slicing the features instead would make the
+        # backward pass zero-fill and copy a feature-sized gradient buffer.
+        reward = twohot_mean(self.reward(feats), self.bins)[1:]  # [H, N]: reward[t] at state t+1
+        bootstrap = twohot_mean(self.slow_critic(feats), self.bins)  # [H+1, N]; weights frozen, features not
+        ret = lambda_return(reward, bootstrap, self.discount, self.lam)  # [H, N]
+        self.return_norm.update(ret)
+        scale = self.return_norm.scale()
+        weight = self.discount ** torch.arange(self.horizon, device=ret.device, dtype=ret.dtype)[:, None]
+        actor_loss = -(weight * ret).mean() / scale - self.entropy_scale * (weight * ent).mean()
+        logits = self.critic(feats[:-1])
+        critic_loss = (weight * twohot_nll(logits, ret.detach(), self.bins)).mean()
+        with torch.no_grad():
+            value = twohot_mean(logits, self.bins)
+        metrics = {"entropy": ent.mean(), "return_scale": scale, "return_mean": ret.mean(),
+                   "imag_reward": reward.mean(), "value": value.mean(), "value_start": value[0].mean(),
+                   "return_start": ret[0].mean()}
+        return actor_loss, critic_loss, metrics
+
     def update(self, batch: dict) -> dict:
-        """One full update on a batch (tensors): image uint8 [B, T, H, W, 3], action [B, T, 12], is_first [B, T],
+        """One update on a batch (tensors): image uint8 [B, T, H, W, 3], action [B, T, 12], is_first [B, T],
         reward [B, T], online bool [B] (False for rehearsal rows, which have no reward).
-        Returns a dict of python floats; raises FloatingPointError on a non-finite loss."""
+
+        All three losses are computed with the weights as they are at the start (as DreamerV3 does), then every
+        gradient norm is checked, and only then do the optimisers step: a non-finite loss or gradient raises
+        FloatingPointError before any weight changes. Returns a dict of python floats."""
         B, T = batch["action"].shape[:2]
         t0 = time.perf_counter()
         with self.autocast():
             wm_loss, reward_loss, wm_metrics, post = self.world_model_loss(batch)
-        self.wm_opt.zero_grad(set_to_none=True)
+        for opt in self.optimizers().values():
+            opt.zero_grad(set_to_none=True)
         (wm_loss + reward_loss).backward()
-        wm_grad = nn.utils.clip_grad_norm_(self.wm_params, 100.0)
-        self.wm_opt.step()
         t1 = time.perf_counter()
-
-        # Actor (Eq. 3) and critic on one imagined batch: imagine from every posterior state. The critic runs
-        # once on the imagined features; the actor's backward pass takes gradients through it (and through
-        # the reward head and the dynamics, whose parameters are frozen), the critic's only into its weights.
         start = {key: value.detach().reshape(B * T, *value.shape[2:]) for key, value in post.items()}
         del post
         actor_params, critic_params = list(self.actor.parameters()), list(self.critic.parameters())
         with frozen(self.wm, self.reward):
             with self.autocast():
-                feats, ent = self.imagine(start, self.horizon)
-                # Heads on all H+1 states and slice their outputs: slicing the features instead would make the
-                # backward pass zero-fill and copy a feature-sized gradient buffer.
-                reward = twohot_mean(self.reward(feats), self.bins)[1:]  # [H, N]: reward[t] at state t+1
-                logits = self.critic(feats)  # [H+1, N, 255]
-                value = twohot_mean(logits, self.bins)
-                ret = lambda_return(reward, value, self.discount, self.lam)  # [H, N]
-                self.return_norm.update(ret)
-                scale = self.return_norm.scale()
-                weight = self.discount ** torch.arange(self.horizon, device=ret.device, dtype=ret.dtype)[:, None]
-                actor_loss = -(weight * ret).mean() / scale - self.entropy_scale * (weight * ent).mean()
-                with torch.no_grad():  # regulariser target: the slow critic's prediction (DreamerV3)
-                    slow = twohot_mean(self.slow_critic(feats[:-1]), self.bins)
-                logits = logits[:-1]
-                critic_loss = (weight * (twohot_nll(logits, ret.detach(), self.bins)
-                                         + twohot_nll(logits, slow, self.bins))).mean()
-            self.actor_opt.zero_grad(set_to_none=True)
-            self.critic_opt.zero_grad(set_to_none=True)
+                actor_loss, critic_loss, ac_metrics = self.behavior_loss(start)
             actor_loss.backward(inputs=actor_params, retain_graph=True)
             critic_loss.backward(inputs=critic_params)
-        del feats, logits
-        actor_grad = nn.utils.clip_grad_norm_(actor_params, 100.0)
-        self.actor_opt.step()
-        critic_grad = nn.utils.clip_grad_norm_(critic_params, 100.0)
-        self.critic_opt.step()
+        norms = {"wm_grad_norm": nn.utils.clip_grad_norm_(self.wm_params, 100.0),
+                 "actor_grad_norm": nn.utils.clip_grad_norm_(actor_params, 100.0),
+                 "critic_grad_norm": nn.utils.clip_grad_norm_(critic_params, 100.0)}
+        losses = {"wm_loss": wm_loss, "reward_loss": reward_loss, "actor_loss": actor_loss,
+                  "critic_loss": critic_loss}
+        checked = {**losses, **norms}
+        numbers = torch.stack([v.detach().float().reshape(()) for v in checked.values()]).tolist()  # one sync
+        bad = [f"{name}={x}" for name, x in zip(checked, numbers) if not math.isfinite(x)]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)}")
+        for opt in self.optimizers().values():
+            opt.step()
         with torch.no_grad():  # slow critic: EMA with fraction 0.02 per update
             for p_slow, p in zip(self.slow_critic.parameters(), self.critic.parameters()):
                 p_slow.lerp_(p, 0.02)
         t2 = time.perf_counter()
-
-        names = ["wm_loss", "reward_loss", "actor_loss", "critic_loss", "entropy", "return_scale", "return_mean",
-                 "imag_reward", "value", "wm_grad_norm", "actor_grad_norm", "critic_grad_norm"]
-        values = [wm_loss, reward_loss, actor_loss, critic_loss, ent.mean(), scale, ret.mean(), reward.mean(),
-                  value.mean(), wm_grad, actor_grad, critic_grad]
-        names += [f"wm/{k}" for k in wm_metrics]
-        values += list(wm_metrics.values())
-        numbers = torch.stack([v.detach().float().reshape(()) for v in values]).tolist()  # one sync
-        metrics = dict(zip(names, numbers))
-        bad = [n for n in ("wm_loss", "reward_loss", "actor_loss", "critic_loss") if not math.isfinite(metrics[n])]
-        if bad:
-            raise FloatingPointError(f"non-finite {', '.join(bad)}: " +
-                                     ", ".join(f"{n}={metrics[n]}" for n in bad))
+        rest = {**ac_metrics, **{f"wm/{k}": v for k, v in wm_metrics.items()}}
+        metrics = dict(zip(checked, numbers))
+        metrics.update(zip(rest, torch.stack([v.detach().float().reshape(()) for v in rest.values()]).tolist()))
         metrics["time_wm"], metrics["time_actor_critic"] = t1 - t0, t2 - t1
         return metrics
 
@@ -1435,7 +1451,7 @@ class Agent(nn.Module):
             state = self.wm.rssm.initial(1)
         post, _ = self.wm.rssm.obs_step(state, prev_action[None], embed, is_first)
         mean, std = self.actor(self.wm.rssm.get_feat(post))
-        action = mean if mode else trunc_normal_rsample(mean, std)
+        action = mean if mode else actor_sample(mean, std)
         return (action * self.act_mask)[0], post
 
 
@@ -1750,11 +1766,15 @@ def main(args: Args) -> None:
     episode_frames = max_steps * ACTION_REPEAT
 
     # Agent: the pretrained world model, whole (Sec. 3.3).
-    agent = Agent(cfg, preset["units"], preset["layers"], A, H, args).to(device)
+    kl = (1.0, 0.1, 1.0)  # beta_dyn, beta_rep, free nats: pre-training's own (from its args when pretrained)
+    if wm_ckpt is not None:
+        pre = wm_ckpt.get("args") or {}
+        kl = (pre.get("dyn_scale", 1.0), pre.get("rep_scale", 0.1), pre.get("free_nats", 1.0))
+    agent = Agent(cfg, A, units=preset["units"], layers=preset["layers"], horizon=H, discount=args.discount,
+                  return_lambda=args.return_lambda, entropy_scale=args.entropy_scale, wm_lr=args.wm_lr,
+                  actor_lr=args.actor_lr, critic_lr=args.critic_lr, kl=kl, precision=args.precision).to(device)
     if wm_ckpt is not None:
         agent.wm.load_state_dict(wm_ckpt["model"], strict=True)
-        pre = wm_ckpt.get("args") or {}
-        agent.kl_settings = (pre.get("dyn_scale", 1.0), pre.get("rep_scale", 0.1), pre.get("free_nats", 1.0))
     n_wm = sum(p.numel() for p in agent.wm.parameters())
     n_ac = sum(p.numel() for m in (agent.actor, agent.critic, agent.reward) for p in m.parameters())
     log(f"[finetune] {args.task} ({env.embodiment}, {A} action dims), size {size}, variant {variant_name(args)}, "
@@ -1903,15 +1923,18 @@ def main(args: Args) -> None:
             episodes_file.write(json.dumps(episode_line) + "\n")
             episodes_file.flush()
 
-            # 4. Updates at the replay ratio, counted from the end of the warm-up: one update then, and one per
-            # (batch x length / train ratio) agent steps after it (DreamerV3's ratio counter). With
-            # --pay-back-warmup the count starts at agent step 0, so the warm-up's updates come in one burst.
+            # 4. Updates at the replay ratio (the release's timing): training starts once `train_after_episodes`
+            # episodes are in the replay, or when the warm-up ends if sooner, so the world model, reward head
+            # and critic already learn from the prior's warm-up episodes; from then on one update per
+            # (batch x length / train ratio) agent steps, counted from that point (no burst for earlier steps).
             summed, n_upd = {}, 0
-            if counters["env_frames"] >= warmup_total:
-                if counters["train_origin"] < 0:
-                    counters["train_origin"] = 0 if args.pay_back_warmup else counters["agent_steps"]
+            if counters["train_origin"] < 0 and (counters["episodes"] >= args.train_after_episodes
+                                                 or counters["env_frames"] >= warmup_total):
+                counters["train_origin"] = counters["agent_steps"]
+                log(f"[finetune] training starts after {counters['episodes']} episodes")
+            if counters["train_origin"] >= 0:
                 owed = int((counters["agent_steps"] - counters["train_origin"]) * preset["train_ratio"] / (B * L))
-                due = owed + (0 if args.pay_back_warmup else 1) - counters["updates"]
+                due = owed - counters["updates"]
                 t_note = time.time()
                 for i in range(max(due, 0)):
                     if time.time() - t_note > 60:  # a progress line during a long run of updates

@@ -51,7 +51,7 @@ def main(args: Args) -> None:
         pargs = P.Args(out_dir="-", data_dir="-", size=size)
         report(f"pretrain {size} ({B}x{T})", counted_gflop(lambda: P.train_step(wm, opt, batch, pargs)))
         cfg, preset = F.model_config_for(size), F.AGENT_SIZES[size]
-        agent = F.Agent(cfg, preset["units"], preset["layers"], 6, preset["horizon"], F.Args(task="walker-walk"))
+        agent = F.Agent(cfg, 6, units=preset["units"], layers=preset["layers"], horizon=preset["horizon"])
         B, T = preset["batch_size"], preset["seq_len"]
         batch = F.random_batch(B, T, 6, online_rows=B - round(0.25 * B))
         report(f"finetune {size} ({B}x{T}, horizon {preset['horizon']})",

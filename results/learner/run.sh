@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 11, "show that it learns": DreamerV3 from scratch (--no-pretrain) on walker-stand at the xs preset,
+# 50k env frames, evaluated every 5k frames over 10 episodes. Two train ratios side by side on one seed
+# (64 = one update per 8 agent steps, the xs default; 128 = one per 4, the release's rate), then more seeds.
+# Each run uses 1 thread, so two runs fill a 2-core machine. Run directories live outside the checkout
+# (EXP, default ~/experiments/learner); re-running this script resumes unfinished runs.
+#   bash results/learner/run.sh                        # both ratios, seed 0
+#   SEEDS="1" RATIOS="64" bash results/learner/run.sh  # more seeds at one ratio
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+EXP=${EXP:-$HOME/experiments/learner}
+SEEDS=${SEEDS:-0}
+RATIOS=${RATIOS:-64 128}
+TASK=${TASK:-walker-stand}
+FRAMES=${FRAMES:-50000}
+mkdir -p "$EXP"
+for seed in $SEEDS; do
+  for ratio in $RATIOS; do
+    out="$EXP/$TASK-scratch-r$ratio-s$seed"
+    resume=""; [ -f "$out/ckpt.pt" ] && resume="--resume"
+    $PY finetune_gsa.py --task "$TASK" --no-pretrain --size xs --env-steps "$FRAMES" --seed "$seed" \
+        --train-ratio "$ratio" --eval-episodes 10 --threads 1 --out-dir "$out" $resume \
+        >> "$EXP/$TASK-scratch-r$ratio-s$seed.log" 2>&1 &
+  done
+done
+wait
