@@ -148,7 +148,8 @@ class Args:
     """training starts once this many episodes are in the replay, or when the warm-up ends if that is sooner
     (the release: 10); from then on, updates follow every episode at the train ratio, with no catch-up burst"""
     bc_steps: Optional[int] = None
-    """behaviour-cloning steps of the prior (default: preset; paper 150k)"""
+    """most behaviour-cloning steps of the prior; it stops earlier once its held-out MSE stops falling
+    (default: preset; paper 150k)"""
     eval_every: Optional[int] = None
     """evaluate every this many env frames (default: preset)"""
     eval_episodes: Optional[int] = None
@@ -588,6 +589,58 @@ def retrieve(index, meta: dict, query_features: np.ndarray, k: int, action_dim: 
 # ==== end shared retrieval function ====
 
 
+# ==== shared query rendering: an identical copy lives in finetune_gsa.py (tests keep them in sync) ====
+QUERY_SEED_OFFSET = 20_000  # the query env's seed is the run's seed plus this, apart from the train/eval envs'
+QUERY_CAMERA = {"sawyer": ("corner2", (0.75, 0.075, 0.7)), "quadruped": (2, None)}  # corner2 moved closer
+QUERY_STOCK_TASK = {"cartpole": "balance", "acrobot": "swingup", "walker": "walk", "cheetah": "run",
+                    "quadruped": "walk"}  # a stock task whose reset looks like a custom task's (same sampler)
+
+
+def render_reset_frames(task: str, num_resets: int, seed: int, size: int = 64) -> np.ndarray:
+    """The retrieval query of Eq. 4: first frames of `num_resets` resets of the task's env, seeded with
+    seed + QUERY_SEED_OFFSET -> uint8 [num_resets, size, size, 3]. Same cameras, cheap render settings and
+    renderer (`mujoco.Renderer`, which makes its own GL context current on every call) as the offline data
+    and fine-tuning's envs. A custom DMC task (e.g. walker-run-backwards) resets like a stock task of its
+    domain (same body, same initial-state sampler), so that stock task renders its frames. Meta-World draws a
+    new goal at every reset from the env's seeded generator."""
+    import mujoco
+
+    embodiment = "sawyer" if task.startswith("mw-") else task.split("-")[0]
+    camera, camera_pos = QUERY_CAMERA.get(embodiment, (0, None))
+    if embodiment == "sawyer":
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
+
+        env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task[3:]}-v3-goal-observable"](seed=seed + QUERY_SEED_OFFSET)
+        env._freeze_rand_vec = False  # a new goal at every reset ...
+        env.seeded_rand_vec = True  # ... from the env's seeded generator, not numpy's global one
+        model, data, reset = env.model, env.data, env.reset
+        model.cam_pos[model.camera(camera).id] = camera_pos
+    else:
+        from dm_control import suite
+
+        domain, rest = task.split("-", 1)
+        stock = rest.replace("-", "_")
+        if (domain, stock) not in suite.ALL_TASKS:
+            base = rest.removesuffix("-hard").replace("-", "_")  # -hard only changes the reward
+            stock = base if (domain, base) in suite.ALL_TASKS else QUERY_STOCK_TASK[domain]
+        env = suite.load(domain, stock, task_kwargs={"random": seed + QUERY_SEED_OFFSET})
+        model, data, reset = env.physics.model.ptr, env.physics.data.ptr, env.reset
+    model.vis.quality.offsamples, model.light_castshadow[:] = 0, 0  # cheap settings, as collected
+    model.vis.global_.offwidth, model.vis.global_.offheight = size, size
+    renderer = mujoco.Renderer(model, size, size)
+    frames = []
+    for _ in range(num_resets):
+        reset()
+        renderer.update_scene(data, camera=camera)
+        frame = renderer.render()
+        # Meta-World's corner2 renders upside down in metaworld 3.1.1; [::-1, ::-1] is the true view
+        frames.append(frame[::-1, ::-1].copy() if embodiment == "sawyer" else frame.copy())
+    renderer.close()
+    env.close()
+    return np.stack(frames)
+# ==== end shared query rendering ====
+
+
 # ==== shared model classes: identical copies live in finetune_gsa.py (and ModelConfig/Encoder in retrieval.py); tests keep them in sync ====
 @dataclass
 class ModelConfig:
@@ -921,20 +974,21 @@ SIZES = {
 }
 
 # Fine-tuning part of the sizes. `paper` follows the paper's appendix and the release (MLPs 3 x 512, batch
-# 16 x 64, horizon 16, train ratio 256, BC 150k steps of batch 256, warm-up 15k frames). `s` is DreamerV3's
-# S size (2-layer MLPs of 512), the speed-benchmark size. `xs` is the CPU preset: shorter sequences, a quarter
-# of the replay ratio, BC with a quarter-width CNN, warm-up of 5 episodes. `tiny` runs a whole fine-tune in seconds.
+# 16 x 64, horizon 16, train ratio 256, BC at most 150k steps of batch 256 with a 2 x 512 MLP, warm-up 15k
+# frames). `s` is DreamerV3's S size (2-layer MLPs of 512), the speed-benchmark size. `xs` is the CPU preset:
+# shorter sequences, a quarter of the replay ratio, BC with a half-width CNN, warm-up of 5 episodes. BC stops
+# early once its held-out loss stops falling. `tiny` runs a whole fine-tune in seconds.
 AGENT_SIZES = {
     "tiny": dict(units=32, layers=1, batch_size=4, seq_len=8, horizon=4, train_ratio=16, bc_depth=4, bc_units=32,
                  bc_steps=4, bc_batch=8, warmup_frames=0, warmup_episodes=1, eval_every=80, eval_episodes=1),
-    "xs": dict(units=256, layers=2, batch_size=16, seq_len=32, horizon=16, train_ratio=64, bc_depth=8,
-               bc_units=256, bc_steps=2000, bc_batch=64, warmup_frames=5000, warmup_episodes=5,
-               eval_every=5000, eval_episodes=5),
+    "xs": dict(units=256, layers=2, batch_size=16, seq_len=32, horizon=16, train_ratio=64, bc_depth=16,
+               bc_units=256, bc_steps=30_000, bc_batch=64, warmup_frames=5000, warmup_episodes=5,
+               eval_every=5000, eval_episodes=10),
     "s": dict(units=512, layers=2, batch_size=16, seq_len=64, horizon=16, train_ratio=256, bc_depth=32,
-              bc_units=1024, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
+              bc_units=512, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
               eval_every=10_000, eval_episodes=10),
     "paper": dict(units=512, layers=3, batch_size=16, seq_len=64, horizon=16, train_ratio=256, bc_depth=32,
-                  bc_units=1024, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
+                  bc_units=512, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
                   eval_every=10_000, eval_episodes=10),
 }
 MAX_ACTION_DIM = 12
@@ -1238,25 +1292,31 @@ class Actor(nn.Module):
 
 
 class BCPrior(nn.Module):
-    """pi_bc: 3 stacked frames -> CNN [d, 2d, 4d, 8d] (stride 2) -> 3-layer MLP with LayerNorm -> tanh action."""
+    """pi_bc (the release's network): 3 stacked frames -> 4 convs (kernel 4, stride 2, no padding) with channels
+    [d, 2d, 4d, 8d], each with a channel LayerNorm and ELU -> 2 x (Linear, LayerNorm, ELU) -> a linear action
+    head (clipped to [-1, 1] when it acts, not when it learns)."""
 
-    def __init__(self, depth: int = 32, units: int = 1024, image_size: int = 64):
+    def __init__(self, depth: int = 32, units: int = 512, image_size: int = 64):
         super().__init__()
         chans = [3 * BC_FRAMES, depth, 2 * depth, 4 * depth, 8 * depth]
-        self.convs = nn.Sequential(*[m for i in range(4) for m in (nn.Conv2d(chans[i], chans[i + 1], 4, 2, 1),
-                                                                    nn.ReLU())])
-        flat = 8 * depth * (image_size // 16) ** 2
-        self.mlp = nn.Sequential(nn.Linear(flat, units), nn.LayerNorm(units), nn.SiLU(),
-                                 nn.Linear(units, units), nn.LayerNorm(units), nn.SiLU(),
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 4, 2) for i in range(4))
+        self.norms = nn.ModuleList(ChannelNorm(chans[i + 1], eps=1e-3) for i in range(4))
+        res = image_size
+        for _ in range(4):
+            res = (res - 4) // 2 + 1  # 64 -> 31 -> 14 -> 6 -> 2
+        self.mlp = nn.Sequential(nn.Linear(8 * depth * res * res, units), nn.LayerNorm(units), nn.ELU(),
+                                 nn.Linear(units, units), nn.LayerNorm(units), nn.ELU(),
                                  nn.Linear(units, MAX_ACTION_DIM))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames uint8 [N, 3, H, W, 3] (oldest first) -> action [N, 12] in [-1, 1]."""
+        """frames uint8 [N, 3, H, W, 3] (oldest first) -> action [N, 12] (unbounded)."""
         x = frames.permute(0, 1, 4, 2, 3).reshape(frames.shape[0], -1, *frames.shape[2:4]).float() / 255.0 - 0.5
-        return torch.tanh(self.mlp(self.convs(x).flatten(1)))
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.elu(norm(conv(x)))
+        return self.mlp(x.flatten(1))
 
 
-def random_shift(x: torch.Tensor, rng: torch.Generator, pad: int = 4) -> torch.Tensor:
+def random_shift(x: torch.Tensor, rng: torch.Generator, pad: int = 3) -> torch.Tensor:
     """DrQ augmentation: replicate-pad by `pad` and crop back at a random offset per sample. x [N, C, H, W]."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
@@ -1274,31 +1334,71 @@ def bc_stack(episode: dict, t: int) -> np.ndarray:
     return episode["image"][idx]
 
 
-def train_bc(prior: BCPrior, episodes: list, steps: int, batch: int, lr: float, action_dim: int,
-             rng: np.random.Generator, device: torch.device, log=print) -> list:
-    """Behaviour cloning on D_r: frames up to t -> action[t+1] (action t+1 follows image t). MSE on the task's
-    action dims, random-shift augmentation. Returns the loss curve (every 1% of the steps)."""
+def bc_batch(episodes: list, pairs, device) -> tuple:
+    """(frames uint8 [N, 3, H, W, 3], target action [N, 12]) for (episode, t) pairs: frames up to t predict
+    action[t + 1], the action taken at image t."""
+    frames = torch.as_tensor(np.stack([bc_stack(episodes[e], t) for e, t in pairs]), device=device)
+    target = torch.as_tensor(np.stack([episodes[e]["action"][t + 1] for e, t in pairs]), device=device)
+    return frames, target
+
+
+def train_bc(prior: BCPrior, episodes: list, max_steps: int, batch: int, lr: float, action_dim: int,
+             rng: np.random.Generator, device: torch.device, log=print, check_every: int = 250,
+             patience: int = 4) -> dict:
+    """Behaviour cloning on D_r (Sec. 3.3): MSE on the task's action dims, random-shift augmentation. One in ten
+    episodes (at least one, if there are two) is held out; every `check_every` steps the held-out MSE is
+    measured, and training stops once it has not improved for `patience` checks (or at max_steps). The prior
+    keeps the weights of its best check. Returns {"train": [(step, mse)], "heldout": [(step, mse)], "best_step"}."""
     opt = torch.optim.Adam(prior.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    order = rng.permutation(len(episodes))
+    n_held = len(episodes) // 10 if len(episodes) >= 20 else int(len(episodes) >= 2)
+    held, train = order[:n_held], order[n_held:]
     lengths = np.array([len(e["image"]) - 1 for e in episodes])  # valid t: 0 .. T-1
     mask = (torch.arange(MAX_ACTION_DIM, device=device) < action_dim).float()
-    curve, t0 = [], time.time()
-    for step in range(steps):
-        eps = rng.integers(0, len(episodes), size=batch)
-        ts = (rng.random(batch) * lengths[eps]).astype(np.int64)
-        frames = torch.as_tensor(np.stack([bc_stack(episodes[e], t) for e, t in zip(eps, ts)]), device=device)
-        target = torch.as_tensor(np.stack([episodes[e]["action"][t + 1] for e, t in zip(eps, ts)]), device=device)
+    held_pairs = [(int(e), int(t)) for e in held for t in range(0, lengths[e], max(1, lengths[e] // 25))]
+
+    def mse(pred, target):
+        return ((pred - target).square() * mask).sum(-1).mean() / action_dim
+
+    @torch.no_grad()
+    def heldout_mse():
+        prior.eval()
+        out = [mse(prior(f), y).item() * len(f) for f, y in
+               (bc_batch(episodes, held_pairs[i:i + 256], device) for i in range(0, len(held_pairs), 256))]
+        prior.train()
+        return sum(out) / len(held_pairs)
+
+    curve = {"train": [], "heldout": [], "best_step": 0}
+    best, best_state, since_best, t0 = float("inf"), None, 0, time.time()
+    for step in range(1, max_steps + 1):
+        eps = train[rng.integers(0, len(train), size=batch)]
+        pairs = list(zip(eps, (rng.random(batch) * lengths[eps]).astype(np.int64)))
+        frames, target = bc_batch(episodes, pairs, device)
         n, f, h, w, c = frames.shape
         x = random_shift(frames.permute(0, 1, 4, 2, 3).reshape(n, f * c, h, w).float(), gen)
         x = x.reshape(n, f, c, h, w).permute(0, 1, 3, 4, 2).round().clamp(0, 255).to(torch.uint8)
-        loss = ((prior(x) - target).square() * mask).sum(-1).mean() / action_dim
+        loss = mse(prior(x), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % max(1, steps // 100) == 0 or step == steps - 1:
-            curve.append(loss.item())
-            if step % max(1, steps // 10) == 0 or step == steps - 1:
-                log(f"[bc] step {step + 1}/{steps} mse {curve[-1]:.4f} ({time.time() - t0:.0f}s)")
+        if step % check_every and step != max_steps:
+            continue
+        curve["train"].append((step, loss.item()))
+        if not held_pairs:
+            continue
+        curve["heldout"].append((step, heldout_mse()))
+        if curve["heldout"][-1][1] < best:
+            best, since_best, curve["best_step"] = curve["heldout"][-1][1], 0, step
+            best_state = copy.deepcopy(prior.state_dict())
+        else:
+            since_best += 1
+        log(f"[bc] step {step}/{max_steps} train mse {loss.item():.4f} held-out mse {curve['heldout'][-1][1]:.4f} "
+            f"(best {best:.4f} at {curve['best_step']}; {time.time() - t0:.0f}s)")
+        if since_best >= patience:
+            break
+    if best_state is not None:
+        prior.load_state_dict(best_state)
     return curve
 
 
@@ -1612,7 +1712,7 @@ class PriorActor:
 
     @torch.no_grad()
     def act(self) -> torch.Tensor:
-        return self.prior(torch.as_tensor(np.stack(self.frames), device=self.device)[None])[0]
+        return self.prior(torch.as_tensor(np.stack(self.frames), device=self.device)[None])[0].clamp(-1.0, 1.0)
 
 
 def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mode: bool = False,
@@ -1793,9 +1893,7 @@ def main(args: Args) -> None:
                 fail(f"the index in {args.index_dir} changed since this run started: {missing[0]} is gone")
             pairs = [(rows[p], d) for p, d in retrieved]
         else:
-            query_env = make_env(args.task, seed=args.seed + 20_000)
-            frames = np.stack([query_env.reset() for _ in range(args.query_resets)])
-            query_env.close()
+            frames = render_reset_frames(args.task, args.query_resets, args.seed)
             with torch.no_grad():
                 query = agent.wm.encoder(torch.as_tensor(frames, device=device)).float().cpu().numpy()
             t_r = time.time()
@@ -1842,8 +1940,10 @@ def main(args: Args) -> None:
             t_bc = time.time()
             curve = train_bc(prior, offline.episodes, preset["bc_steps"], preset["bc_batch"], args.bc_lr, A,
                              np_rng, device, log)
-            writer.add_scalar("bc/final_mse", curve[-1], 0)
-            log(f"[bc] done in {time.time() - t_bc:.0f}s")
+            for step, value in curve["heldout"]:
+                writer.add_scalar("bc/heldout_mse", value, step)
+            write_json_atomic(out_dir / "bc.json", {**curve, "seconds": time.time() - t_bc})
+            log(f"[bc] done in {time.time() - t_bc:.0f}s; kept the weights of step {curve['best_step']}")
         prior.eval()
     g_start, g_end, g_frames = guidance_schedule(args, env.is_metaworld)
 

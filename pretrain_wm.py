@@ -315,13 +315,18 @@ class EpisodePool:
 
     # -- sampling -------------------------------------------------------------------------------------------
     def sample(self, batch_size: int) -> dict:
-        """batch_size windows of seq_len frames: episode uniform over the pool, start uniform in the episode."""
+        """batch_size windows of seq_len frames, every window start in the pool equally likely: an episode is
+        drawn in proportion to its number of window starts, so time steps are sampled uniformly, as in
+        DreamerV3's replay (uniform over episodes would give a 101-frame Meta-World episode five times the
+        weight per frame of a 501-frame DMControl one)."""
         L = self.seq_len
         out = {"image": np.empty((batch_size, L, 64, 64, 3), np.uint8),
                "action": np.empty((batch_size, L, MAX_ACTION_DIM), np.float32),
                "is_first": np.empty((batch_size, L), bool)}
-        for b in range(batch_size):
-            ep = self.episodes[int(self.rng.integers(self.slots))]
+        starts = np.array([len(ep["image"]) - L + 1 for ep in self.episodes], np.float64)
+        slots = self.rng.choice(self.slots, size=batch_size, p=starts / starts.sum())
+        for b, slot in enumerate(slots):
+            ep = self.episodes[int(slot)]
             t0 = int(self.rng.integers(len(ep["image"]) - L + 1))
             for k in out:
                 out[k][b] = ep[k][t0 : t0 + L]
@@ -715,12 +720,15 @@ def train_step(world_model: nn.Module, optimizer: torch.optim.Optimizer, batch: 
             loss, metrics, _ = world_model(batch["image"], batch["action"], batch["is_first"],
                                            args.dyn_scale, args.rep_scale, args.free_nats)
     if not bool(torch.isfinite(loss)):
-        metrics["nonfinite"] = True
+        metrics["nonfinite"] = "loss"
         return metrics
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    if not bool(torch.isfinite(metrics["grad_norm"])):  # checked before the step: the weights stay as they were
+        metrics["nonfinite"] = "gradient"
+        return metrics
     optimizer.step()
     return metrics
 
@@ -1001,9 +1009,12 @@ def main(args: Args):
             pool.refresh(step)
             batch = to_device(pool.sample(batch_size), device)
             metrics = train_step(model, optimizer, batch, args, autocast_dtype)
-            if metrics.pop("nonfinite", False):
-                fail(f"non-finite loss at update {step + 1} ({float(metrics['loss'])}); the last good "
-                     f"checkpoint {ckpt_path} is kept")
+            bad = metrics.pop("nonfinite", None)
+            if bad:
+                kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file()
+                        else "no checkpoint was written yet")
+                fail(f"non-finite {bad} at update {step + 1} (loss {float(metrics['loss'])}, gradient norm "
+                     f"{float(metrics.get('grad_norm', float('nan')))}); stopped before the weights changed; {kept}")
             step += 1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)

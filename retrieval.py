@@ -68,10 +68,6 @@ MW_TASKS = (
     "window-open",
 )
 TASK_NAMES = DMC_TASKS + tuple(f"mw-{name}" for name in MW_TASKS)
-# Stock dm_control task whose reset looks like the custom task's (same body, same initial-state sampler).
-DMC_STOCK_TASK = {"cartpole": "balance", "acrobot": "swingup", "walker": "walk", "cheetah": "run",
-                  "quadruped": "walk"}
-MW_CAMERA, MW_CAMERA_POS = "corner2", (0.75, 0.075, 0.7)  # corner2 moved closer, as released
 
 
 @dataclass
@@ -115,7 +111,7 @@ class QueryArgs:
     k: int = 500
     """number of episodes to retrieve (release: 500)"""
     seed: int = 0
-    """seed of the env whose resets give the query frames"""
+    """the fine-tuning run's seed: the query env is seeded as finetune_gsa.py seeds its own (same D_r)"""
     device: str = "auto"
     """torch device of the encoder: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     threads: Optional[int] = None
@@ -124,8 +120,8 @@ class QueryArgs:
     """encoder checkpoint (default: the one recorded at build time); its sha256 must match the index's"""
     data_dir: Optional[str] = None
     """offline data for the grid image (default: the one recorded at build time; its manifest must match)"""
-    num_resets: int = 10
-    """env resets whose first frames form the query (with --task)"""
+    query_resets: int = 5
+    """env resets whose first frames form the query (with --task); the same default as finetune_gsa.py"""
     action_dim: Optional[int] = None
     """keep only episodes of this action dim (default: the task's own; none with --query-images)"""
     all_action_dims: bool = False
@@ -176,24 +172,32 @@ def task_embodiment(task: str) -> str:
     return "sawyer" if task.startswith("mw-") else task.split("-")[0]
 
 
+# ==== shared query rendering: an identical copy lives in finetune_gsa.py (tests keep them in sync) ====
+QUERY_SEED_OFFSET = 20_000  # the query env's seed is the run's seed plus this, apart from the train/eval envs'
+QUERY_CAMERA = {"sawyer": ("corner2", (0.75, 0.075, 0.7)), "quadruped": (2, None)}  # corner2 moved closer
+QUERY_STOCK_TASK = {"cartpole": "balance", "acrobot": "swingup", "walker": "walk", "cheetah": "run",
+                    "quadruped": "walk"}  # a stock task whose reset looks like a custom task's (same sampler)
+
+
 def render_reset_frames(task: str, num_resets: int, seed: int, size: int = 64) -> np.ndarray:
-    """First frames of `num_resets` resets of the task's env: uint8 [num_resets, size, size, 3].
+    """The retrieval query of Eq. 4: first frames of `num_resets` resets of the task's env, seeded with
+    seed + QUERY_SEED_OFFSET -> uint8 [num_resets, size, size, 3]. Same cameras, cheap render settings and
+    renderer (`mujoco.Renderer`, which makes its own GL context current on every call) as the offline data
+    and fine-tuning's envs. A custom DMC task (e.g. walker-run-backwards) resets like a stock task of its
+    domain (same body, same initial-state sampler), so that stock task renders its frames. Meta-World draws a
+    new goal at every reset from the env's seeded generator."""
+    import mujoco
 
-    Same cameras, cheap render settings and renderer (`mujoco.Renderer`, which makes its own GL context
-    current on every call) as the offline data (CONTRACTS.md). A custom DMC task (e.g. walker-run-backwards)
-    resets like a stock task of its domain, so that stock task renders its frames.
-    """
-    import mujoco  # imported here: `build` and --query-images never render
-
-    embodiment = task_embodiment(task)
+    embodiment = "sawyer" if task.startswith("mw-") else task.split("-")[0]
+    camera, camera_pos = QUERY_CAMERA.get(embodiment, (0, None))
     if embodiment == "sawyer":
-        import metaworld
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
-        env = metaworld.ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task[3:]}-v3-goal-observable"](seed=seed)
-        env._freeze_rand_vec = False  # a new goal at every reset (TASKS.md)
+        env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task[3:]}-v3-goal-observable"](seed=seed + QUERY_SEED_OFFSET)
+        env._freeze_rand_vec = False  # a new goal at every reset ...
+        env.seeded_rand_vec = True  # ... from the env's seeded generator, not numpy's global one
         model, data, reset = env.model, env.data, env.reset
-        camera = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, MW_CAMERA)
-        model.cam_pos[camera] = MW_CAMERA_POS
+        model.cam_pos[model.camera(camera).id] = camera_pos
     else:
         from dm_control import suite
 
@@ -201,10 +205,9 @@ def render_reset_frames(task: str, num_resets: int, seed: int, size: int = 64) -
         stock = rest.replace("-", "_")
         if (domain, stock) not in suite.ALL_TASKS:
             base = rest.removesuffix("-hard").replace("-", "_")  # -hard only changes the reward
-            stock = base if (domain, base) in suite.ALL_TASKS else DMC_STOCK_TASK[domain]
-        env = suite.load(domain, stock, task_kwargs={"random": seed})
+            stock = base if (domain, base) in suite.ALL_TASKS else QUERY_STOCK_TASK[domain]
+        env = suite.load(domain, stock, task_kwargs={"random": seed + QUERY_SEED_OFFSET})
         model, data, reset = env.physics.model.ptr, env.physics.data.ptr, env.reset
-        camera = 2 if domain == "quadruped" else 0
     model.vis.quality.offsamples, model.light_castshadow[:] = 0, 0  # cheap settings, as collected
     model.vis.global_.offwidth, model.vis.global_.offheight = size, size
     renderer = mujoco.Renderer(model, size, size)
@@ -213,11 +216,12 @@ def render_reset_frames(task: str, num_resets: int, seed: int, size: int = 64) -
         reset()
         renderer.update_scene(data, camera=camera)
         frame = renderer.render()
-        # Meta-World's corner2 renders upside down in metaworld 3.1.1 (SETUP.md trap 4)
+        # Meta-World's corner2 renders upside down in metaworld 3.1.1; [::-1, ::-1] is the true view
         frames.append(frame[::-1, ::-1].copy() if embodiment == "sawyer" else frame.copy())
     renderer.close()
     env.close()
     return np.stack(frames)
+# ==== end shared query rendering ====
 
 
 # ==== shared model classes: verbatim copies of pretrain_wm.py's (tests compare the source text) ====
@@ -615,8 +619,8 @@ def query(args: QueryArgs, device: str) -> None:
     index_dir = Path(args.index_dir)
     if (args.task is None) == (args.query_images is None):
         fail("give exactly one of --task and --query-images")
-    if args.k < 1 or args.num_resets < 1 or args.grid < 0:
-        fail("--k and --num-resets must be >= 1, --grid >= 0")
+    if args.k < 1 or args.query_resets < 1 or args.grid < 0:
+        fail("--k and --query-resets must be >= 1, --grid >= 0")
     if args.all_action_dims and args.action_dim is not None:
         fail("--action-dim and --all-action-dims exclude each other")
     embodiment = task_embodiment(args.task) if args.task else None
@@ -630,7 +634,7 @@ def query(args: QueryArgs, device: str) -> None:
 
     if args.task:
         t0 = time.time()
-        query_frames = render_reset_frames(args.task, args.num_resets, args.seed, cfg.image_size)
+        query_frames = render_reset_frames(args.task, args.query_resets, args.seed, cfg.image_size)
         print(f"rendered {len(query_frames)} reset frames of {args.task} in {time.time() - t0:.2f} s")
         name = args.task
     else:

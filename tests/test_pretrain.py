@@ -250,13 +250,54 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data, tmp_path, monkeypatch)
         calls.append(1)
         m = real(*a, **k)
         if len(calls) == 7:
-            m = {**m, "loss": torch.tensor(float("nan")), "nonfinite": True}
+            m = {**m, "loss": torch.tensor(float("nan")), "nonfinite": "loss"}
         return m
 
     monkeypatch.setattr(P, "train_step", poisoned)
     with pytest.raises(SystemExit, match="non-finite loss at update 7"):
         run(data, tmp_path / "r", steps=10, checkpoint_every=5)
     assert torch.load(tmp_path / "r" / "wm.pt", weights_only=True)["step"] == 5
+
+
+def test_non_finite_gradient_with_finite_loss_stops_before_the_step(data, tmp_path, monkeypatch):
+    real = P.WorldModel.loss
+
+    def poisoned(self, *a, **k):  # a finite loss whose gradient is NaN
+        loss, metrics, post = real(self, *a, **k)
+        loss.register_hook(lambda g: g * float("nan"))
+        return loss, metrics, post
+
+    cfg = P.size_config("tiny")
+    wm = P.WorldModel(cfg)
+    opt = torch.optim.Adam(wm.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in wm.parameters()]
+    rng = np.random.default_rng(0)
+    batch = {"image": torch.as_tensor(rng.integers(0, 256, (2, 8, 64, 64, 3), dtype=np.uint8)),
+             "action": torch.zeros(2, 8, 12), "is_first": torch.zeros(2, 8, dtype=torch.bool)}
+    monkeypatch.setattr(P.WorldModel, "loss", poisoned)
+    m = P.train_step(wm, opt, batch, P.Args(size="tiny"))
+    assert m["nonfinite"] == "gradient" and math.isfinite(float(m["loss"]))
+    assert all(torch.equal(a, b) for a, b in zip(before, wm.parameters()))
+    with pytest.raises(SystemExit, match="non-finite gradient at update 1 .*no checkpoint was written yet"):
+        run(data, tmp_path / "g", steps=3)
+    assert not (tmp_path / "g" / "wm.pt").exists()
+
+
+def test_sampling_is_uniform_over_time_steps(tmp_path):
+    # One 20-step and one 100-step episode, windows of 8: 13 and 93 valid starts, so the long episode must
+    # supply 93 / 106 = 88% of the windows (uniform over episodes would give 50%).
+    d = make_dataset(tmp_path / "short", episodes=1, length=20, embodiments=("walker",))
+    make_dataset(tmp_path / "long", episodes=1, length=100, embodiments=("walker",))
+    (d / "walker" / "walker-000001.npz").write_bytes((tmp_path / "long" / "walker" / "walker-000000.npz").read_bytes())
+    rows = [{"path": "walker/walker-000000.npz", "length": 20}, {"path": "walker/walker-000001.npz", "length": 100}]
+    for r in rows:
+        r.update(embodiment="walker", sha256=hashlib.sha256((d / r["path"]).read_bytes()).hexdigest())
+    pool = P.EpisodePool(d, rows, 8, pool_mb=64, swaps_per_step=0.0, rng=np.random.default_rng(0))
+    pool.fill()
+    for slot, ep_id in enumerate(pool.slot_ids):
+        pool.episodes[slot]["image"][:] = ep_id  # tag every frame with its episode
+    share_long = np.mean([(pool.sample(500)["image"][:, 0, 0, 0, 0] == 1).mean() for _ in range(4)])
+    assert abs(share_long - 93 / 106) < 0.04, share_long
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -244,7 +244,7 @@ def test_cli_refuses_other_checkpoint(built):
 
 def test_cli_query_with_task_renders_resets(built):
     proc = _run("retrieval.py", "query", "--index-dir", str(built / "index"), "--task", "walker-run-backwards",
-                "--num-resets", "2", "--k", "3", "--grid", "3", "--threads", "1")
+                "--query-resets", "2", "--k", "3", "--grid", "3", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert "precision by embodiment (walker)" in proc.stdout
     assert (built / "index" / "query-walker-run-backwards.png").is_file()
@@ -266,3 +266,35 @@ def test_every_flag_is_used():
     for cls in (retrieval.BuildArgs, retrieval.QueryArgs):
         for field in dataclasses.fields(cls):
             assert f"args.{field.name}" in source, f"{cls.__name__}.{field.name} is never read"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One retrieval path: retrieval.py query and fine-tuning render the same query for the same task and seed
+# ---------------------------------------------------------------------------------------------------------
+
+def test_query_rendering_is_finetune_gsa_copy():
+    import inspect
+
+    import finetune_gsa as ft
+    for name in ("render_reset_frames",):
+        assert inspect.getsource(getattr(ft, name)) == inspect.getsource(getattr(retrieval, name))
+    for name in ("QUERY_SEED_OFFSET", "QUERY_CAMERA", "QUERY_STOCK_TASK"):
+        assert getattr(ft, name) == getattr(retrieval, name), name
+    assert retrieval.QueryArgs().query_resets == ft.Args().query_resets
+    assert retrieval.QueryArgs().seed == ft.Args().seed
+
+
+@pytest.mark.parametrize("task", ["mw-drawer-open", "walker-run-backwards"])
+def test_query_frames_are_seeded_and_match_finetuning_env_resets(task):
+    # own processes (Meta-World and dm_control rendering must not share one). Two processes, same seed: the
+    # same frames (Meta-World's goals once came from numpy's unseeded global generator); and they are the
+    # first frames of fine-tuning's own env seeded alike.
+    code = ("import hashlib, numpy as np, retrieval, finetune_gsa as ft; "
+            f"f = retrieval.render_reset_frames('{task}', 2, 3); "
+            f"env = ft.make_env('{task}', seed=3 + ft.QUERY_SEED_OFFSET); "
+            "g = np.stack([env.reset() for _ in range(2)]); "
+            "assert (f == g).all(), np.abs(f.astype(int) - g).max(); "
+            "print(hashlib.sha256(f.tobytes()).hexdigest())")
+    outs = [_run("-c", code) for _ in range(2)]
+    assert all(p.returncode == 0 for p in outs), outs[0].stderr[-2000:]
+    assert outs[0].stdout == outs[1].stdout
