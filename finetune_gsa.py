@@ -1468,7 +1468,7 @@ class Agent(nn.Module):
         reward_loss = (reward_nll * mask).sum() / mask.sum().clamp(min=1.0)
         return wm_loss, reward_loss, wm_metrics, post
 
-    def behavior_loss(self, start: dict):
+    def behavior_loss(self, start: dict, start_online: Optional[torch.Tensor] = None):
         """Actor (Eq. 3) and critic losses on one imagined batch from the start states [N, ...].
 
         Returns are Eq. 2's lambda-returns bootstrapped from the slow critic (the release's choice): the
@@ -1492,8 +1492,12 @@ class Agent(nn.Module):
         with torch.no_grad():
             value = twohot_mean(logits, self.bins)
         metrics = {"entropy": ent.mean(), "return_scale": scale, "return_mean": ret.mean(),
-                   "imag_reward": reward.mean(), "value": value.mean(), "value_start": value[0].mean(),
-                   "return_start": ret[0].mean()}
+                   "imag_reward": reward.mean(), "value": value.mean()}
+        if start_online is not None and start_online.any() and not start_online.all():
+            # Where imagination's reward comes from: starts in online rows against starts in D_r rows.
+            on = start_online.to(reward.dtype)
+            for name, w in (("online", on), ("offline", 1.0 - on)):
+                metrics[f"imag_reward_{name}_starts"] = (reward.detach() * w).sum() / (w.sum() * reward.shape[0])
         return actor_loss, critic_loss, metrics
 
     def update(self, batch: dict) -> dict:
@@ -1516,7 +1520,8 @@ class Agent(nn.Module):
         actor_params, critic_params = list(self.actor.parameters()), list(self.critic.parameters())
         with frozen(self.wm, self.reward):
             with self.autocast():
-                actor_loss, critic_loss, ac_metrics = self.behavior_loss(start)
+                online = batch["online"][:, None].expand(B, T).reshape(B * T)
+                actor_loss, critic_loss, ac_metrics = self.behavior_loss(start, online)
             actor_loss.backward(inputs=actor_params, retain_graph=True)
             critic_loss.backward(inputs=critic_params)
         norms = {"wm_grad_norm": nn.utils.clip_grad_norm_(self.wm_params, 100.0),
@@ -1540,6 +1545,15 @@ class Agent(nn.Module):
         metrics.update(zip(rest, torch.stack([v.detach().float().reshape(()) for v in rest.values()]).tolist()))
         metrics["time_wm"], metrics["time_actor_critic"] = t1 - t0, t2 - t1
         return metrics
+
+    @torch.no_grad()
+    def first_value(self, image: np.ndarray) -> float:
+        """The critic's value of an episode's first frame (to set beside the discounted return it earned)."""
+        device = self.bins.device
+        embed = self.wm.encoder(torch.as_tensor(image, device=device)[None])
+        post, _ = self.wm.rssm.obs_step(self.wm.rssm.initial(1), torch.zeros(1, MAX_ACTION_DIM, device=device),
+                                        embed, torch.ones(1, dtype=torch.bool, device=device))
+        return float(twohot_mean(self.critic(self.wm.rssm.get_feat(post)), self.bins)[0])
 
     @torch.no_grad()
     def act(self, state: Optional[dict], prev_action: torch.Tensor, image: np.ndarray, mode: bool):
@@ -1752,7 +1766,10 @@ def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mod
         prev, t = action, t + 1
     episode = {"image": np.stack(images), "action": np.stack(actions).astype(np.float32),
                "reward": np.asarray(episode_rewards, np.float32), "is_first": np.arange(len(images)) == 0}
+    discounts = agent.discount ** np.arange(len(episode_rewards) - 1)
     stats = {"return": float(np.sum(episode_rewards)), "length": t,
+             "return_discounted": float(np.sum(discounts * np.asarray(episode_rewards[1:]))),
+             "value_first": agent.first_value(images[0]),
              "success": bool(successes[-1]) if successes else False, "success_any": any(successes),
              "prior_steps": prior_steps}
     return episode, (stats, images if record else None)
@@ -1764,7 +1781,9 @@ def evaluate(env, agent: Agent, episodes: int, max_steps: int, rng) -> tuple[dic
         _, (s, frames) = run_episode(env, agent, rng, max_steps, mode=True, record=(i == 0))
         stats.append(s)
         video = frames if i == 0 else video
-    out = {"eval_return": float(np.mean([s["return"] for s in stats]))}
+    out = {"eval_return": float(np.mean([s["return"] for s in stats])),
+           "eval_return_discounted": float(np.mean([s["return_discounted"] for s in stats])),
+           "eval_value_first": float(np.mean([s["value_first"] for s in stats]))}
     if env.is_metaworld:
         out["eval_success"] = float(np.mean([s["success"] for s in stats]))
         out["eval_success_any"] = float(np.mean([s["success_any"] for s in stats]))
@@ -2017,7 +2036,8 @@ def main(args: Args) -> None:
             writer.add_scalar("episode/guidance_p", p, counters["env_frames"])
             episode_line = {"env_steps": counters["env_frames"], "episode": counters["episodes"] - 1,
                             "return": stats["return"], "length": stats["length"], "warmup": warm,
-                            "guidance_p": p, "prior_first": window[0], "prior_steps": stats["prior_steps"]}
+                            "guidance_p": p, "prior_first": window[0], "prior_steps": stats["prior_steps"],
+                            "return_discounted": stats["return_discounted"], "value_first": stats["value_first"]}
             if env.is_metaworld:
                 episode_line.update(success=stats["success"], success_any=stats["success_any"])
             episodes_file.write(json.dumps(episode_line) + "\n")

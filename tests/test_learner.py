@@ -122,8 +122,8 @@ def test_non_finite_gradient_stops_before_any_weight_changes(monkeypatch):
     before = {k: v.clone() for k, v in agent.named_parameters()}  # slow critic included (no grad, a param)
     real = ft.Agent.behavior_loss
 
-    def poisoned(self, start):  # finite losses, NaN gradient into the critic
-        actor_loss, critic_loss, m = real(self, start)
+    def poisoned(self, *a):  # finite losses, NaN gradient into the critic
+        actor_loss, critic_loss, m = real(self, *a)
         critic_loss.register_hook(lambda g: g * float("nan"))
         return actor_loss, critic_loss, m
 
@@ -170,3 +170,22 @@ def test_bc_prior_is_the_releases_network_and_stops_on_heldout_loss():
     steps = [s for s, _ in curve["heldout"]]
     assert steps[-1] < 3000 and curve["best_step"] == steps[-4]  # stopped 3 checks after its best
     assert min(v for _, v in curve["heldout"]) < 0.1 * curve["heldout"][0][1] + 0.01
+
+
+def test_imagined_reward_is_split_by_where_imagination_starts():
+    agent = tiny_agent()
+    agent.reward = ConstantReward(agent.bins, 2.0)
+    m = agent.update(ft.random_batch(4, 6, 6, online_rows=3))
+    assert abs(m["imag_reward_online_starts"] - 2.0) < 1e-3 and abs(m["imag_reward_offline_starts"] - 2.0) < 1e-3
+    assert "imag_reward_online_starts" not in agent.update(ft.random_batch(4, 6, 6, online_rows=4))
+
+
+def test_episode_logs_value_of_first_frame_and_discounted_return(tmp_path):
+    out = tmp_path / "run"
+    ft.main(ft.Args(task="cartpole-balance", no_pretrain=True, size="tiny", max_episode_steps=20, threads=1,
+                    video=False, env_steps=80, out_dir=str(out)))
+    eps = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
+    for e in eps:
+        assert np.isfinite(e["value_first"]) and 0 < e["return_discounted"] <= e["return"]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_value_first" in evals[-1] and "eval_return_discounted" in evals[-1]
