@@ -50,6 +50,7 @@ import atexit
 import contextlib
 import copy
 import ctypes
+import errno
 import hashlib
 import io
 import json
@@ -175,6 +176,34 @@ class Args:
     bc_lr: float = 1e-4
     """behaviour-cloning Adam learning rate"""
 
+
+
+# Valid range of every numeric flag, (low, high) inclusive, None = unbounded; checked by check_ranges before
+# anything is written. tests/ check that every int/float field of Args has an entry.
+ARG_RANGES = {
+    "seed": (0, 10**9), "threads": (1, None), "env_steps": (1, None), "guidance_start": (0.0, 1.0),
+    "guidance_end": (0.0, 1.0), "guidance_frames": (0, None), "offline_ratio": (0.0, 0.95), "k": (1, None),
+    "query_resets": (1, None), "batch_size": (1, None), "seq_len": (2, None), "horizon": (1, None),
+    "train_ratio": (1e-6, None), "warmup_frames": (0, None), "train_after_episodes": (1, None),
+    "bc_steps": (1, None), "eval_every": (1, None), "eval_episodes": (1, None), "checkpoint_every": (1, None),
+    "max_episode_steps": (1, None), "discount": (0.0, 1.0), "return_lambda": (0.0, 1.0),
+    "entropy_scale": (0.0, None), "actor_lr": (1e-8, 1.0), "critic_lr": (1e-8, 1.0), "wm_lr": (1e-8, 1.0),
+    "bc_lr": (1e-8, 1.0),
+}
+
+
+def check_ranges(args) -> None:
+    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
+    for name, (low, high) in ARG_RANGES.items():
+        value = getattr(args, name)
+        if value is None or isinstance(value, bool):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{low}, {'inf' if high is None else high}]"
+            fail(f"{flag} must be in {bounds}, got {value}")
 
 # ==== environments (tasks of DESIGN §2 / TASKS.md) ====
 
@@ -1031,13 +1060,28 @@ def sha256_file(path: Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename: readers never see a partial file."""
+    """Temporary file in the same directory, fsync, rename: readers never see a partial file. A failed write
+    removes its temporary file; a full disk is named as the cause."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            fail(f"No space left on device while writing {path}; free some space and resume with --resume")
+        raise
+
+
+def sweep_temporary_files(directory: Path) -> None:
+    """Remove `*.tmp-<pid>` files that write_atomic left behind in a process that no longer runs."""
+    for tmp in directory.rglob("*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split(".")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -1070,8 +1114,18 @@ def load_offline_episode(data_dir: Path, row: dict, expected_sha: str) -> dict:
             or action.shape[1] > MAX_ACTION_DIM):
         fail(f"episode file {path} has unexpected shapes: image {image.shape} {image.dtype}, action {action.shape} "
              f"(index says action dim {row.get('action_dim')})")
+    check_actions(action, path)
     return {"image": image, "action": pad_actions(action), "reward": np.zeros(len(image), np.float32),
             "is_first": is_first}
+
+
+def check_actions(action: np.ndarray, path: Path) -> None:
+    """Actions must be finite and in [-1, 1]: a bad value would otherwise surface hours later, unnamed."""
+    bad = ~np.isfinite(action) | (np.abs(action) > 1.0 + 1e-6)
+    if bad.any():
+        t, d = np.argwhere(bad)[0]
+        fail(f"episode file {path} has an action outside [-1, 1] or not finite: action[{t}, {d}] = {action[t, d]} "
+             f"({int(bad.sum())} such values); remove or re-collect that episode")
 
 
 class SequenceReplay:
@@ -1119,8 +1173,15 @@ def save_episode(path: Path, episode: dict) -> None:
 
 
 def load_episode(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {key: z[key] for key in ("image", "action", "reward", "is_first")}
+    """An online episode of this run's replay (for --resume), checked like the offline ones."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            episode = {key: z[key] for key in ("image", "action", "reward", "is_first")}
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not an npz
+        fail(f"replay episode {path} is missing or damaged ({type(e).__name__}: {e}); the run cannot resume "
+             f"exactly: start it again in a new --out-dir")
+    check_actions(episode["action"], path)
+    return episode
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1547,6 +1608,13 @@ class Agent(nn.Module):
         return metrics
 
     @torch.no_grad()
+    def diverged(self) -> list:
+        """Names of the parts whose weights are no longer finite (huge learning rates can get there with finite
+        losses and gradients)."""
+        parts = {"world model": self.wm, "reward head": self.reward, "actor": self.actor, "critic": self.critic}
+        return [name for name, m in parts.items() if not all(bool(p.isfinite().all()) for p in m.parameters())]
+
+    @torch.no_grad()
     def first_value(self, image: np.ndarray) -> float:
         """The critic's value of an episode's first frame (to set beside the discounted return it earned)."""
         device = self.bins.device
@@ -1624,14 +1692,24 @@ def load_wm_checkpoint(path: Path) -> tuple[dict, str]:
     if not path.is_file():
         fail(f"checkpoint {path} not found (train one with pretrain_wm.py, or pass --no-pretrain)")
     sha = sha256_file(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        fail(f"cannot load checkpoint {path}: {e}")
+    ckpt = load_torch_file(path, "the world-model checkpoint", "re-run pretrain_wm.py, or pass --no-pretrain")
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != 1 or "model_config" not in ckpt:
         fail(f"{path} is not a pretrain_wm.py checkpoint of format version 1 "
              f"(format_version={ckpt.get('format_version') if isinstance(ckpt, dict) else None})")
     return ckpt, sha
+
+
+def load_torch_file(path: Path, what: str, remedy: str) -> dict:
+    """torch.load with weights_only=True (a shared file cannot run code); a damaged file is named, with a remedy."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, random bytes, pickled code: all are a damaged file here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"{path} ({what}) is damaged or not a checkpoint of this project ({type(e).__name__}: {first[:200]}); "
+             f"{remedy}")
+    if not isinstance(obj, dict):
+        fail(f"{path} ({what}) does not hold a checkpoint dict; {remedy}")
+    return obj
 
 
 def check_model_config(ckpt: dict, size: str, path: Path) -> ModelConfig:
@@ -1649,14 +1727,26 @@ def load_index(index_dir: Path, checkpoint_sha: str, checkpoint: Path):
     if not meta_path.is_file() or not faiss_path.is_file():
         fail(f"no retrieval index in {index_dir} (expected index.faiss and index.json; build one with "
              f"`python retrieval.py build`, or pass --no-rehearsal --no-guidance)")
-    meta = json.loads(meta_path.read_text())
+    rebuild = f"rebuild the index with `python retrieval.py build --checkpoint {checkpoint} --overwrite`"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{meta_path} is damaged ({e}); {rebuild}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("rows"), list):
+        fail(f"{meta_path} is not a retrieval index sidecar (no 'rows' list); {rebuild}")
     if meta.get("format_version") != 1:
         fail(f"{meta_path} has format_version {meta.get('format_version')}, expected 1")
     if meta.get("checkpoint_sha256") != checkpoint_sha:
         fail(f"the index in {index_dir} was built with another encoder (checkpoint sha256 "
              f"{str(meta.get('checkpoint_sha256'))[:16]}...) than {checkpoint} ({checkpoint_sha[:16]}...); "
              f"rebuild it with `python retrieval.py build --checkpoint {checkpoint}`")
-    return faiss.read_index(str(faiss_path)), meta
+    try:
+        index = faiss.read_index(str(faiss_path))
+    except Exception as e:  # noqa: BLE001 - faiss raises RuntimeError with its C++ message
+        fail(f"{faiss_path} is damaged ({str(e).strip().splitlines()[0][:200]}); {rebuild}")
+    if index.ntotal != len(meta["rows"]):
+        fail(f"{faiss_path} holds {index.ntotal} vectors but {meta_path} lists {len(meta['rows'])} episodes; {rebuild}")
+    return index, meta
 
 
 def load_manifest(data_dir: Path, expected_sha: str) -> dict:
@@ -1666,7 +1756,7 @@ def load_manifest(data_dir: Path, expected_sha: str) -> dict:
     raw = path.read_bytes()
     if sha256_bytes(raw) != expected_sha:
         fail(f"{path} differs from the manifest the index was built over (sha256 mismatch)")
-    return json.loads(raw)
+    return json.loads(raw)  # its sha256 matches the one recorded at build time, so it parsed then
 
 
 def rng_state(np_rng: np.random.Generator) -> dict:
@@ -1699,6 +1789,20 @@ def save_checkpoint(path: Path, agent: Agent, prior: Optional[BCPrior], bc_opt_d
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     write_atomic(path, buf.getvalue())
+
+
+def read_log_lines(path: Path) -> list:
+    """The JSON lines of a log. A torn last line (a kill mid-write) is dropped; a bad line before it is an error."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print(f"[finetune] {path}: dropped a torn last line")
+                return lines[:-1]
+            fail(f"{path} line {i + 1} is not JSON; the log is damaged (remove that line to resume)")
+    return lines
 
 
 def write_video(path: Path, frames: list) -> None:
@@ -1812,12 +1916,7 @@ def main(args: Args) -> None:
     wall0 = time.time()
     if args.task not in TASK_NAMES:
         fail(f"unknown task {args.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
-    if not 0.0 <= args.offline_ratio < 1.0:
-        fail(f"--offline-ratio must be in [0, 1), got {args.offline_ratio}")
-    for name, value in (("--k", args.k), ("--query-resets", args.query_resets), ("--env-steps", args.env_steps),
-                        ("--checkpoint-every", args.checkpoint_every)):
-        if value < 1:
-            fail(f"{name} must be >= 1, got {value}")
+    check_ranges(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     use_guidance = not (args.no_pretrain or args.no_guidance)
@@ -1826,9 +1925,12 @@ def main(args: Args) -> None:
     out_dir = Path(args.out_dir or f"runs/finetune/{args.task}-{variant_name(args)}-s{args.seed}")
     ckpt_path = out_dir / "ckpt.pt"
     resume_ckpt = None
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is not a directory")
     if args.resume:
         if ckpt_path.is_file():
-            resume_ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            resume_ckpt = load_torch_file(ckpt_path, "the run's checkpoint",
+                                          "start the run again in a new --out-dir (or restore ckpt.pt from a backup)")
             if resume_ckpt.get("format_version") != FORMAT_VERSION or resume_ckpt.get("script") != SCRIPT:
                 fail(f"{ckpt_path} is not a {SCRIPT} checkpoint of format version {FORMAT_VERSION}")
             saved = dict(resume_ckpt["args"])
@@ -1935,6 +2037,8 @@ def main(args: Args) -> None:
             fail(f"no retrieved episode has {L} steps (--seq-len)")
 
     # Run directory and logging (only now: every input has been checked).
+    if out_dir.is_dir():
+        sweep_temporary_files(out_dir)
     (out_dir / "replay").mkdir(parents=True, exist_ok=True)
     (out_dir / "videos").mkdir(exist_ok=True)
     write_json_atomic(out_dir / "args.json", {**asdict(args), "resolved_size": size, "resolved": preset,
@@ -2003,8 +2107,7 @@ def main(args: Args) -> None:
     for name in ("metrics.jsonl", "train.jsonl", "episodes.jsonl"):  # drop lines after the resumed checkpoint
         path = out_dir / name
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["env_steps"] <= counters["env_frames"]]
+            kept = [line for line in read_log_lines(path) if json.loads(line)["env_steps"] <= counters["env_frames"]]
             write_atomic(path, "".join(line + "\n" for line in kept).encode())
     metrics_file = open(out_dir / "metrics.jsonl", "a")
     train_file = open(out_dir / "train.jsonl", "a")
@@ -2068,6 +2171,10 @@ def main(args: Args) -> None:
                     for key, v in m.items():
                         summed[key] = summed.get(key, 0.0) + v
             if n_upd:
+                bad = agent.diverged()
+                if bad:
+                    fail(f"the weights of the {', '.join(bad)} are no longer finite after update {counters['updates']} "
+                         f"(learning rates too high?); stopped before overwriting the last checkpoint {ckpt_path}")
                 means = {key: v / n_upd for key, v in summed.items()}
                 for key, v in means.items():
                     writer.add_scalar(f"train/{key}", v, counters["env_frames"])

@@ -11,7 +11,11 @@
 # make D_r "every episode of the same action dim"; 20 is the number of episodes per Meta-World task here).
 #
 # --pay-back-warmup: the experiment ran before fine-tuning's train-ratio count moved to DreamerV3's (counted from
-# the end of the warm-up); this flag keeps the count it ran with (the warm-up's updates in one burst).
+# the end of the warm-up); this flag kept the count it ran with (the warm-up's updates in one burst).
+#
+# This experiment belongs to the code of commit 1cfb2eb: the learner fixes of issue 11 (results/learner)
+# changed the actor's distribution, the critic's target, the update timing and the BC prior, and removed
+# --pay-back-warmup. To rerun it: git worktree add ../gsa-1cfb2eb 1cfb2eb && bash ../gsa-1cfb2eb/results/cpu_scale/run.sh
 #
 # Every step resumes: a re-run skips finished work and continues killed runs.
 # Knobs: SEEDS, TASKS, FRAMES, K, OUT, DATA, LANES ("a b", or one lane to run it alone).
@@ -28,6 +32,11 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-3000}
 K=${K:-20}
 LANES=${LANES:-"a b"}
 TASKS=${TASKS:-"walker-walk mw-drawer-open"}
+if ! grep -q "pay_back_warmup" finetune_gsa.py; then
+  echo "results/cpu_scale/run.sh reruns the experiment of commit 1cfb2eb; this checkout's learner differs." >&2
+  echo "Run it from that commit: git worktree add ../gsa-1cfb2eb 1cfb2eb && bash ../gsa-1cfb2eb/results/cpu_scale/run.sh" >&2
+  exit 2
+fi
 mkdir -p "$OUT/logs"
 
 finetune() {  # finetune <task> <variant> <seed>
