@@ -120,6 +120,24 @@ def bench_pretrain(args: Args, size: str) -> dict:
             "s_per_update": wall, "cpu_s_per_update": cpu, "updates_per_s": 1 / wall}
 
 
+def finetune_batch(batch_size: int, seq_len: int, action_dim: int, online_rows: Optional[int] = None,
+                   image_size: int = 64, device="cpu", seed: int = 0) -> dict:
+    """A random batch in finetune_gsa.Agent.update's format (benchmarks and tests)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    online_rows = batch_size if online_rows is None else online_rows
+    action = torch.zeros(batch_size, seq_len, 12)
+    action[..., :action_dim] = torch.rand(batch_size, seq_len, action_dim, generator=g) * 2 - 1
+    is_first = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+    is_first[:, 0] = True
+    batch = {"image": torch.randint(0, 256, (batch_size, seq_len, image_size, image_size, 3), generator=g,
+                                    dtype=torch.uint8),
+             "action": action, "is_first": is_first, "reward": torch.rand(batch_size, seq_len, generator=g),
+             "online": torch.arange(batch_size) < online_rows}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def bench_finetune(args: Args, size: str) -> dict:
     import torch
     import finetune_gsa as F
@@ -131,8 +149,8 @@ def bench_finetune(args: Args, size: str) -> dict:
     agent = F.Agent(cfg, A, units=preset["units"], layers=preset["layers"], horizon=preset["horizon"],
                     precision=args.precision[0]).to(device)
     B, T = preset["batch_size"], preset["seq_len"]
-    batch = F.random_batch(B, T, A, online_rows=B - round(0.25 * B), device=device)
-    wall, cpu = timed(lambda: F.train_step(agent, batch), args.updates)
+    batch = finetune_batch(B, T, A, online_rows=B - round(0.25 * B), device=device)
+    wall, cpu = timed(lambda: agent.update(batch), args.updates)
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     prev = torch.zeros(12, device=device)
     act_wall, _ = timed(lambda: agent.act(None, prev, image, mode=False), 20)

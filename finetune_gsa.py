@@ -205,13 +205,13 @@ def check_ranges(args) -> None:
             bounds = f"[{low}, {'inf' if high is None else high}]"
             fail(f"{flag} must be in {bounds}, got {value}")
 
-# ==== environments (tasks of DESIGN §2 / TASKS.md) ====
+# ==== environments: the paper's 22 DMControl and 50 Meta-World tasks from pixels (Sec. 4, appendix) ====
 
 # ----------------------------------------------------------------------------------------------------------
-# Environments and tasks (DESIGN.md §2; every reward from TASKS.md)
+# Environments and tasks (the paper's Sec. 4.1 and appendix; custom rewards as in TD-MPC2 and URLB)
 # ----------------------------------------------------------------------------------------------------------
 
-# The 22 DMControl tasks of the paper, in DESIGN.md §2 order.
+# The 22 DMControl tasks of the paper.
 DMC_TASKS = (
     "cartpole-balance",
     "acrobot-swingup", "acrobot-swingup-sparse", "acrobot-swingup-hard",
@@ -257,12 +257,7 @@ def embodiment_of(task: str) -> str:
     return "sawyer" if task.startswith("mw-") else task.split("-")[0]
 
 
-def action_dim_of(task: str) -> int:
-    """Action dimension of a task's embodiment; builds nothing."""
-    return _ENV_ACTION_DIMS[embodiment_of(task)]
-
-
-# --- Custom DMControl tasks (TD-MPC2 walker/cheetah, URLB quadruped), rewards per TASKS.md ---------------
+# --- Custom DMControl tasks: walker/cheetah rewards as in TD-MPC2's tasks, quadruped as in URLB ------------
 
 def _z(physics, body: str) -> float:
     """World height of a body's frame origin."""
@@ -430,7 +425,7 @@ def _make_dmc(task: str, seed: int) -> control.Environment:
 
 
 def hard_reward(reward: float, action: np.ndarray) -> float:
-    """`-hard` tasks (DESIGN §2): sparse reward minus an action cost, per env frame; action in [-1, 1]."""
+    """`-hard` tasks (the paper's appendix): sparse reward minus an action cost, per env frame; action in [-1, 1]."""
     return (reward if reward >= HARD_THRESHOLD else 0.0) - HARD_ACTION_COST * float(np.linalg.norm(action))
 
 
@@ -445,7 +440,7 @@ def _close_open_envs() -> None:
 
 
 def _cheap_rendering(model: mujoco.MjModel, image_size: int) -> None:
-    """No anti-aliasing and no shadows (SETUP.md: 4-9 ms instead of 22-32 ms per DMC frame)."""
+    """No anti-aliasing and no shadows: 4-9 ms instead of 22-32 ms per 64x64 DMC frame on a CPU (measured)."""
     model.vis.quality.offsamples = 0
     model.light_castshadow[:] = 0
     model.vis.global_.offwidth = max(image_size, 1)
@@ -457,7 +452,7 @@ class PixelEnv:
 
     Rendering goes through a per-env `mujoco.Renderer`, which makes its own GL context current on every
     call, so several envs (train + eval, DMC beside Meta-World) render correctly in one process
-    (SETUP.md traps 1 and 2).
+    (with a shared context, all but the newest env silently render garbage frames).
     """
 
     def __init__(self, task: str, seed: int, image_size: int = 64, action_repeat: int = 2):
@@ -500,7 +495,7 @@ class PixelEnv:
         self.state = None  # latest low-dim observation (never given to the agent; for scripted policies)
 
     def _env_action(self, action: np.ndarray) -> np.ndarray:
-        """Policy action in [-1, 1] -> the env's bounds (quadruped's are not [-1, 1], SETUP.md trap 6)."""
+        """Policy action in [-1, 1] -> the env's bounds (the quadruped's are not [-1, 1])."""
         if self._identity_bounds:
             return action.astype(np.float64)
         return self._low + (action.astype(np.float64) + 1.0) * 0.5 * (self._high - self._low)
@@ -510,7 +505,7 @@ class PixelEnv:
         self._renderer.update_scene(self._data, camera=self._camera)
         image = self._renderer.render()
         if self.is_metaworld:
-            image = image[::-1, ::-1]  # corner2 is upside down in metaworld 3.1.1 (SETUP.md trap 4)
+            image = image[::-1, ::-1]  # corner2 is upside down in metaworld 3.1.1; this is the true view
         return np.ascontiguousarray(image)
 
     def _set_state(self, observation) -> None:
@@ -597,7 +592,7 @@ def retrieve(index, meta: dict, query_features: np.ndarray, k: int, action_dim: 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     params, want = None, min(k, n)
-    if action_dim is not None:  # search only the rows of this action dim (DESIGN §5)
+    if action_dim is not None:  # search only the rows of this action dim (the release drops other dims)
         eligible = np.flatnonzero([row["action_dim"] == action_dim for row in rows]).astype(np.int64)
         want = min(k, len(eligible))
         selector = faiss.IDSelectorBatch(eligible)  # referenced until the search is done
@@ -1635,27 +1630,6 @@ class Agent(nn.Module):
         mean, std = self.actor(self.wm.rssm.get_feat(post))
         action = mean if mode else actor_sample(mean, std)
         return (action * self.act_mask)[0], post
-
-
-def train_step(agent: Agent, batch: dict) -> dict:
-    """One full update (world model + actor + critic); the function benchmarks call."""
-    return agent.update(batch)
-
-
-def random_batch(batch_size: int, seq_len: int, action_dim: int, online_rows: Optional[int] = None,
-                 image_size: int = 64, device="cpu", seed: int = 0) -> dict:
-    """A random batch in update() format (for benchmarks and tests)."""
-    g = torch.Generator().manual_seed(seed)
-    online_rows = batch_size if online_rows is None else online_rows
-    action = torch.zeros(batch_size, seq_len, MAX_ACTION_DIM)
-    action[..., :action_dim] = torch.rand(batch_size, seq_len, action_dim, generator=g) * 2 - 1
-    is_first = torch.zeros(batch_size, seq_len, dtype=torch.bool)
-    is_first[:, 0] = True
-    batch = {"image": torch.randint(0, 256, (batch_size, seq_len, image_size, image_size, 3), generator=g,
-                                    dtype=torch.uint8),
-             "action": action, "is_first": is_first, "reward": torch.rand(batch_size, seq_len, generator=g),
-             "online": torch.arange(batch_size) < online_rows}
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def to_batch(online: dict, offline: Optional[dict], device) -> dict:

@@ -348,7 +348,7 @@ def retrieve(index, meta: dict, query_features: np.ndarray, k: int, action_dim: 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     params, want = None, min(k, n)
-    if action_dim is not None:  # search only the rows of this action dim (DESIGN §5)
+    if action_dim is not None:  # search only the rows of this action dim (the release drops other dims)
         eligible = np.flatnonzero([row["action_dim"] == action_dim for row in rows]).astype(np.int64)
         want = min(k, len(eligible))
         selector = faiss.IDSelectorBatch(eligible)  # referenced until the search is done

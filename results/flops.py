@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import finetune_gsa as F  # noqa: E402
 import pretrain_wm as P  # noqa: E402
+from benchmark import finetune_batch  # noqa: E402
 
 
 @dataclass
@@ -53,9 +54,9 @@ def main(args: Args) -> None:
         cfg, preset = F.model_config_for(size), F.AGENT_SIZES[size]
         agent = F.Agent(cfg, 6, units=preset["units"], layers=preset["layers"], horizon=preset["horizon"])
         B, T = preset["batch_size"], preset["seq_len"]
-        batch = F.random_batch(B, T, 6, online_rows=B - round(0.25 * B))
+        batch = finetune_batch(B, T, 6, online_rows=B - round(0.25 * B))
         report(f"finetune {size} ({B}x{T}, horizon {preset['horizon']})",
-               counted_gflop(lambda: F.train_step(agent, batch)))
+               counted_gflop(lambda: agent.update(batch)))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import finetune_gsa as ft
+from benchmark import finetune_batch
 import pretrain_wm as pw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +183,7 @@ def tiny_agent(action_dim=6, seed=0, precision="auto"):
 def test_reward_loss_ignores_offline_rows():
     agent = tiny_agent()
     torch.nn.init.normal_(agent.reward.out.weight)  # zero-initialised heads predict the same for every target
-    batch = ft.random_batch(4, 6, 6, online_rows=3)
+    batch = finetune_batch(4, 6, 6, online_rows=3)
     results = []
     for offline_reward in (0.0, 1e3):
         b = dict(batch, reward=batch["reward"].clone())
@@ -203,24 +204,24 @@ def test_reward_loss_ignores_offline_rows():
 
 def test_update_runs_and_rejects_non_finite_loss():
     agent = tiny_agent()
-    m = ft.train_step(agent, ft.random_batch(4, 6, 6, online_rows=3))
+    m = agent.update(finetune_batch(4, 6, 6, online_rows=3))
     for key in ("wm_loss", "reward_loss", "actor_loss", "critic_loss", "entropy", "return_scale"):
         assert math.isfinite(m[key])
     with torch.no_grad():
         agent.reward.out.bias[0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
-        agent.update(ft.random_batch(4, 6, 6, online_rows=3))
+        agent.update(finetune_batch(4, 6, 6, online_rows=3))
 
 
 def test_bf16_update_is_close_to_fp32_and_heads_stay_fp32():
-    batch = ft.random_batch(4, 6, 6, online_rows=3)
+    batch = finetune_batch(4, 6, 6, online_rows=3)
     metrics = {}
     for precision in ("fp32", "bf16"):  # same initial weights, batch and sampling noise
         agent = tiny_agent(precision=precision)
         with agent.autocast():
             assert agent.critic(torch.randn(3, agent.critic.body[0].in_features)).dtype == torch.float32
         torch.manual_seed(3)
-        metrics[precision] = ft.train_step(agent, batch)
+        metrics[precision] = agent.update(batch)
     assert not isinstance(tiny_agent().autocast(), torch.autocast)  # auto = fp32 on a CPU
     for key in ("wm_loss", "reward_loss", "critic_loss"):
         a, b = metrics["fp32"][key], metrics["bf16"][key]
@@ -257,7 +258,7 @@ def test_strict_load_and_identical_outputs():
     src = pw.WorldModel(cfg)
     dst = ft.WorldModel(ft.ModelConfig(**asdict(cfg)))
     dst.load_state_dict(src.state_dict(), strict=True)
-    batch = ft.random_batch(2, 5, 6)
+    batch = finetune_batch(2, 5, 6)
     outs = []
     for model in (src, dst):
         torch.manual_seed(3)
@@ -320,7 +321,7 @@ def test_gsa_run_retrieves_and_guides(tmp_path, artifacts):
 
 def test_checkpoint_round_trip_gives_identical_update(tmp_path):
     agent = tiny_agent()
-    batch = ft.random_batch(4, 6, 6, online_rows=3)
+    batch = finetune_batch(4, 6, 6, online_rows=3)
     agent.update(batch)
     torch.manual_seed(7)
     rng = np.random.default_rng(5)
@@ -424,10 +425,13 @@ def test_corrupt_retrieved_episode_errors(tmp_path, artifacts):
 
 
 def test_every_flag_is_used():
+    # Read from the code's structure: every Args field is read as `args.<field>` somewhere outside Args itself.
+    import ast
     from dataclasses import fields
 
-    source = inspect.getsource(ft)
-    assert source.index("\nclass Args") < source.index("\n# ==== environments")
-    after_args = source.split("\n# ==== environments")[1]  # everything after the Args class
-    for f in fields(ft.Args):
-        assert f"args.{f.name}" in after_args, f"--{f.name.replace('_', '-')} does nothing"
+    tree = ast.parse(inspect.getsource(ft))
+    used = {node.attr for top in tree.body if not (isinstance(top, ast.ClassDef) and top.name == "Args")
+            for node in ast.walk(top)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"}
+    unused = [f.name for f in fields(ft.Args) if f.name not in used]
+    assert not unused, f"flags that do nothing: {unused}"

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import finetune_gsa as ft
+from benchmark import finetune_batch
 
 torch.set_num_threads(1)
 
@@ -75,7 +76,7 @@ def test_entropy_stays_up_under_a_flat_reward():
     # itself. Stated floor: mean std at least 0.5 in every dim, i.e. entropy >= 6 * (log 0.5 + 1.419) = 4.36
     # (it starts at 6 * 1.306 = 7.84 with std 0.89).
     agent = tiny_agent()
-    batch = ft.random_batch(4, 8, 6, online_rows=4, seed=0)
+    batch = finetune_batch(4, 8, 6, online_rows=4, seed=0)
     batch["reward"].zero_()
     for i in range(300):
         m = agent.update(batch)
@@ -118,7 +119,7 @@ def test_replay_windows_start_a_sequence():
 
 def test_non_finite_gradient_stops_before_any_weight_changes(monkeypatch):
     agent = tiny_agent()
-    batch = ft.random_batch(4, 6, 6, online_rows=3)
+    batch = finetune_batch(4, 6, 6, online_rows=3)
     before = {k: v.clone() for k, v in agent.named_parameters()}  # slow critic included (no grad, a param)
     real = ft.Agent.behavior_loss
 
@@ -175,9 +176,9 @@ def test_bc_prior_is_the_releases_network_and_stops_on_heldout_loss():
 def test_imagined_reward_is_split_by_where_imagination_starts():
     agent = tiny_agent()
     agent.reward = ConstantReward(agent.bins, 2.0)
-    m = agent.update(ft.random_batch(4, 6, 6, online_rows=3))
+    m = agent.update(finetune_batch(4, 6, 6, online_rows=3))
     assert abs(m["imag_reward_online_starts"] - 2.0) < 1e-3 and abs(m["imag_reward_offline_starts"] - 2.0) < 1e-3
-    assert "imag_reward_online_starts" not in agent.update(ft.random_batch(4, 6, 6, online_rows=4))
+    assert "imag_reward_online_starts" not in agent.update(finetune_batch(4, 6, 6, online_rows=4))
 
 
 def test_episode_logs_value_of_first_frame_and_discounted_return(tmp_path):
