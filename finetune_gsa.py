@@ -21,6 +21,11 @@ Example:
     python finetune_gsa.py --task mw-shelf-place --size xs --env-steps 30000 --seed 1
     python finetune_gsa.py --task walker-run --no-pretrain        # DreamerV3 from scratch (no offline data)
 
+How the file reads: Args and the size presets; GSA and behaviour learning (guidance schedule, DreamerV3 pieces,
+networks and the BC prior, the Agent and its update, replay, acting); files and checkpoints; Algorithm 1 (the
+preamble and each step as a function, then main); last, an appendix of the code shared with the other scripts
+(task suite, retrieval, world model), whose copies tests keep identical.
+
 Choices worth knowing:
   * No continuation head: DMControl and Meta-World episodes end only at their time limit, so imagined
     trajectories use the constant discount (weights gamma^t).
@@ -81,8 +86,8 @@ from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 from torch.utils.tensorboard import SummaryWriter
 
 FORMAT_VERSION = 1  # of ckpt.pt; the world-model checkpoint read here must have pretrain_wm.py's version 1
-SCRIPT = "finetune_gsa.py"
 
+SCRIPT = "finetune_gsa.py"
 
 @dataclass
 class Args:
@@ -176,8 +181,6 @@ class Args:
     bc_lr: float = 1e-4
     """behaviour-cloning Adam learning rate"""
 
-
-
 # Valid range of every numeric flag, (low, high) inclusive, None = unbounded; checked by check_ranges before
 # anything is written. tests/ check that every int/float field of Args has an entry.
 ARG_RANGES = {
@@ -191,7 +194,6 @@ ARG_RANGES = {
     "bc_lr": (1e-8, 1.0),
 }
 
-
 def check_ranges(args) -> None:
     """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
     for name, (low, high) in ARG_RANGES.items():
@@ -204,6 +206,1203 @@ def check_ranges(args) -> None:
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"[{low}, {'inf' if high is None else high}]"
             fail(f"{flag} must be in {bounds}, got {value}")
+
+# Fine-tuning part of the sizes. `paper` follows the paper's appendix and the release (MLPs 3 x 512, batch
+# 16 x 64, horizon 16, train ratio 256, BC at most 150k steps of batch 256 with a 2 x 512 MLP, warm-up 15k
+# frames). `s` is DreamerV3's S size (2-layer MLPs of 512), the speed-benchmark size. `xs` is the CPU preset:
+# shorter sequences, a quarter of the replay ratio, BC with a half-width CNN, warm-up of 5 episodes. BC stops
+# early once its held-out loss stops falling. `tiny` runs a whole fine-tune in seconds.
+AGENT_SIZES = {
+    "tiny": dict(units=32, layers=1, batch_size=4, seq_len=8, horizon=4, train_ratio=16, bc_depth=4, bc_units=32,
+                 bc_steps=4, bc_batch=8, warmup_frames=0, warmup_episodes=1, eval_every=80, eval_episodes=1),
+    "xs": dict(units=256, layers=2, batch_size=16, seq_len=32, horizon=16, train_ratio=64, bc_depth=16,
+               bc_units=256, bc_steps=30_000, bc_batch=64, warmup_frames=5000, warmup_episodes=5,
+               eval_every=5000, eval_episodes=10),
+    "s": dict(units=512, layers=2, batch_size=16, seq_len=64, horizon=16, train_ratio=256, bc_depth=32,
+              bc_units=512, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
+              eval_every=10_000, eval_episodes=10),
+    "paper": dict(units=512, layers=3, batch_size=16, seq_len=64, horizon=16, train_ratio=256, bc_depth=32,
+                  bc_units=512, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
+                  eval_every=10_000, eval_episodes=10),
+}
+
+MAX_ACTION_DIM = 12
+
+ACTION_REPEAT = 2
+
+BC_FRAMES = 3  # stacked frames seen by the prior (release)
+
+# ----------------------------------------------------------------------------------------------------------
+# Execution guidance (Sec. 3.3): the schedule of p and the prior's window
+# ----------------------------------------------------------------------------------------------------------
+
+def guidance_schedule(args: Args, is_metaworld: bool) -> tuple[float, float, int]:
+    """(start p, end p, length in env frames) of the linear guidance schedule."""
+    if args.guidance_schedule == "paper":  # appendix J: linear(1, 0, 50k) DMC, linear(1, 0, 150k) Meta-World
+        start, end, frames = 1.0, 0.0, 150_000 if is_metaworld else 50_000
+    else:  # release: 1 -> 0.1 over 100k agent steps = 200k env frames at action repeat 2
+        start, end, frames = 1.0, 0.1, 100_000 * ACTION_REPEAT
+    start = start if args.guidance_start is None else args.guidance_start
+    end = end if args.guidance_end is None else args.guidance_end
+    frames = frames if args.guidance_frames is None else args.guidance_frames
+    return start, end, frames
+
+def guidance_probability(env_frames: int, start: float, end: float, frames: int) -> float:
+    """Linear schedule: start at 0 frames, end from `frames` on."""
+    frac = 1.0 if frames <= 0 else min(max(env_frames / frames, 0.0), 1.0)
+    return start + frac * (end - start)
+
+def guidance_window(length: int, rng: np.random.Generator, mode: str = "window") -> tuple[int, int]:
+    """(first step, number of steps) of pi_bc's window in an episode of `length` agent steps: the number of
+    steps is a random multiple (1..10) of length / 10; it starts uniformly in [0, length - steps], or at 0
+    for the JSRL-style variant."""
+    steps = int(round(int(rng.integers(1, 11)) * length / 10))
+    steps = min(max(steps, 1), length)
+    first = 0 if mode == "jsrl" else int(rng.integers(0, length - steps + 1))
+    return first, steps
+
+# ----------------------------------------------------------------------------------------------------------
+# Behaviour learning (DreamerV3; Eq. 2-3): two-hot heads, lambda-returns, return scale, the actor's distribution
+# ----------------------------------------------------------------------------------------------------------
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.expm1(x.abs())
+
+def twohot_bins(device=None) -> torch.Tensor:
+    """255 bins evenly spaced in symlog space over [-20, 20] (DreamerV3)."""
+    return torch.linspace(-20.0, 20.0, 255, device=device)
+
+def twohot_encode(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """y [...] (already symlog'ed) -> weights [..., K] on the two nearest bins, linear interpolation."""
+    y = y.clamp(bins[0], bins[-1])
+    below = (torch.bucketize(y, bins, right=True) - 1).clamp(0, len(bins) - 1)
+    above = (below + 1).clamp(max=len(bins) - 1)
+    gap = bins[above] - bins[below]
+    w_above = torch.where(above > below, (y - bins[below]) / gap.clamp(min=1e-8), torch.zeros_like(y))
+    out = torch.zeros(*y.shape, len(bins), device=y.device, dtype=y.dtype)
+    out.scatter_add_(-1, below.unsqueeze(-1), (1.0 - w_above).unsqueeze(-1))
+    out.scatter_add_(-1, above.unsqueeze(-1), w_above.unsqueeze(-1))
+    return out
+
+def twohot_mean(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Expected value: softmax-weighted bins in symlog space, then symexp."""
+    return symexp((torch.softmax(logits, -1) * bins).sum(-1))
+
+def twohot_nll(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the two-hot encoding of symlog(target) under the predicted bins."""
+    return -(twohot_encode(symlog(target), bins) * torch.log_softmax(logits, -1)).sum(-1)
+
+def lambda_return(reward: torch.Tensor, value: torch.Tensor, discount: float, lam: float) -> torch.Tensor:
+    """Eq. 2: R_t = r_{t+1} + gamma * ((1 - lambda) * v_{t+1} + lambda * R_{t+1}), R_H = v_H.
+    reward [H, N] (reward[t] is predicted at imagined state t+1), value [H+1, N] -> returns [H, N]."""
+    out, ret = [], value[-1]
+    for t in reversed(range(reward.shape[0])):
+        ret = reward[t] + discount * ((1.0 - lam) * value[t + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1])
+
+class ReturnNorm(nn.Module):
+    """DreamerV3 return normalisation: EMA of the 5th and 95th return percentiles; scale = max(1, P95 - P5)."""
+
+    def __init__(self, decay: float = 0.99, floor: float = 1.0, low: float = 0.05, high: float = 0.95):
+        super().__init__()
+        self.decay, self.floor = decay, floor
+        self.register_buffer("quantiles", torch.tensor([low, high]))
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, returns: torch.Tensor) -> None:
+        lo, hi = torch.quantile(returns.detach().float().flatten(), self.quantiles)
+        self.low.mul_(self.decay).add_((1.0 - self.decay) * lo)
+        self.high.mul_(self.decay).add_((1.0 - self.decay) * hi)
+
+    def scale(self) -> torch.Tensor:
+        return torch.clamp(self.high - self.low, min=self.floor)
+
+def actor_sample(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """a ~ N(mean, std) clipped to [-1, 1] with a straight-through gradient (the release's policy): the forward
+    value is clipped, the backward pass is that of the unclipped reparameterised sample mean + std * eps. So
+    d a / d std = eps, whose mean is 0: a reward linear in the action gives the std no gradient, wherever the
+    mean is. (The exact inverse-CDF truncated normal that this replaces gets d E[a] / d std = -0.61 at mean 0.5,
+    std 0.5: it shrinks its own std whenever the mean is off-centre.)"""
+    x = mean + std * torch.randn_like(mean)
+    return x + (x.clamp(-1.0, 1.0) - x).detach()
+
+def actor_entropy(std: torch.Tensor) -> torch.Tensor:
+    """Entropy of N(mean, std) per dimension, in closed form (the release estimates it by -log N(sample))."""
+    return torch.log(std) + 0.5 * math.log(2.0 * math.pi * math.e)
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """No parameter gradients for these modules inside the block (gradients still flow through them)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks: reward head, critic, actor (DreamerV3) and the behaviour-cloned prior pi_bc (Sec. 3.3)
+# ----------------------------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """`layers` x (Linear, LayerNorm, SiLU), then a linear output (zero-initialised for two-hot heads)."""
+
+    def __init__(self, inp: int, out: int, units: int, layers: int, zero_output: bool = False):
+        super().__init__()
+        mods, dim = [], inp
+        for _ in range(layers):
+            mods += [nn.Linear(dim, units, bias=False), nn.LayerNorm(units, eps=1e-3), nn.SiLU()]
+            dim = units
+        self.body = nn.Sequential(*mods)
+        self.out = nn.Linear(dim, out)
+        _trunc_normal_init(self)
+        if zero_output:  # DreamerV3: reward and critic start predicting exactly 0
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x)).float()  # fp32 outputs under bf16 autocast (two-hot, actor dist)
+
+class Actor(nn.Module):
+    """pi(a | s): truncated normal on [-1, 1]^12, mean tanh(.), std in [0.1, 1]; padded dims masked to 0."""
+
+    def __init__(self, feat_dim: int, units: int, layers: int, min_std: float = 0.1, max_std: float = 1.0):
+        super().__init__()
+        self.net = MLP(feat_dim, 2 * MAX_ACTION_DIM, units, layers)
+        self.min_std, self.max_std = min_std, max_std
+
+    def forward(self, feat: torch.Tensor):
+        mean, std = self.net(feat).chunk(2, -1)
+        return torch.tanh(mean), (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
+
+class BCPrior(nn.Module):
+    """pi_bc (the release's network): 3 stacked frames -> 4 convs (kernel 4, stride 2, no padding) with channels
+    [d, 2d, 4d, 8d], each with a channel LayerNorm and ELU -> 2 x (Linear, LayerNorm, ELU) -> a linear action
+    head (clipped to [-1, 1] when it acts, not when it learns)."""
+
+    def __init__(self, depth: int = 32, units: int = 512, image_size: int = 64):
+        super().__init__()
+        chans = [3 * BC_FRAMES, depth, 2 * depth, 4 * depth, 8 * depth]
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 4, 2) for i in range(4))
+        self.norms = nn.ModuleList(ChannelNorm(chans[i + 1], eps=1e-3) for i in range(4))
+        res = image_size
+        for _ in range(4):
+            res = (res - 4) // 2 + 1  # 64 -> 31 -> 14 -> 6 -> 2
+        self.mlp = nn.Sequential(nn.Linear(8 * depth * res * res, units), nn.LayerNorm(units), nn.ELU(),
+                                 nn.Linear(units, units), nn.LayerNorm(units), nn.ELU(),
+                                 nn.Linear(units, MAX_ACTION_DIM))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames uint8 [N, 3, H, W, 3] (oldest first) -> action [N, 12] (unbounded)."""
+        x = frames.permute(0, 1, 4, 2, 3).reshape(frames.shape[0], -1, *frames.shape[2:4]).float() / 255.0 - 0.5
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.elu(norm(conv(x)))
+        return self.mlp(x.flatten(1))
+
+def random_shift(x: torch.Tensor, rng: torch.Generator, pad: int = 3) -> torch.Tensor:
+    """DrQ augmentation: replicate-pad by `pad` and crop back at a random offset per sample. x [N, C, H, W]."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=rng, device="cpu").to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=rng, device="cpu").to(x.device)
+    rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, :, None]  # [N, H, 1]
+    cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, :]  # [N, 1, W]
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]  # [N, H, W, C]
+    return out.permute(0, 3, 1, 2)
+
+def bc_stack(episode: dict, t: int) -> np.ndarray:
+    """Frames t-2, t-1, t of an episode (the first frame repeated before the start): uint8 [3, H, W, 3]."""
+    idx = [max(t - i, 0) for i in reversed(range(BC_FRAMES))]
+    return episode["image"][idx]
+
+def bc_batch(episodes: list, pairs, device) -> tuple:
+    """(frames uint8 [N, 3, H, W, 3], target action [N, 12]) for (episode, t) pairs: frames up to t predict
+    action[t + 1], the action taken at image t."""
+    frames = torch.as_tensor(np.stack([bc_stack(episodes[e], t) for e, t in pairs]), device=device)
+    target = torch.as_tensor(np.stack([episodes[e]["action"][t + 1] for e, t in pairs]), device=device)
+    return frames, target
+
+def train_bc(prior: BCPrior, episodes: list, max_steps: int, batch: int, lr: float, action_dim: int,
+             rng: np.random.Generator, device: torch.device, log=print, check_every: int = 250,
+             patience: int = 4) -> dict:
+    """Behaviour cloning on D_r (Sec. 3.3): MSE on the task's action dims, random-shift augmentation. One in ten
+    episodes (at least one, if there are two) is held out; every `check_every` steps the held-out MSE is
+    measured, and training stops once it has not improved for `patience` checks (or at max_steps). The prior
+    keeps the weights of its best check. Returns {"train": [(step, mse)], "heldout": [(step, mse)], "best_step"}."""
+    opt = torch.optim.Adam(prior.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    order = rng.permutation(len(episodes))
+    n_held = len(episodes) // 10 if len(episodes) >= 20 else int(len(episodes) >= 2)
+    held, train = order[:n_held], order[n_held:]
+    lengths = np.array([len(e["image"]) - 1 for e in episodes])  # valid t: 0 .. T-1
+    mask = (torch.arange(MAX_ACTION_DIM, device=device) < action_dim).float()
+    held_pairs = [(int(e), int(t)) for e in held for t in range(0, lengths[e], max(1, lengths[e] // 25))]
+
+    def mse(pred, target):
+        return ((pred - target).square() * mask).sum(-1).mean() / action_dim
+
+    @torch.no_grad()
+    def heldout_mse():
+        prior.eval()
+        out = [mse(prior(f), y).item() * len(f) for f, y in
+               (bc_batch(episodes, held_pairs[i:i + 256], device) for i in range(0, len(held_pairs), 256))]
+        prior.train()
+        return sum(out) / len(held_pairs)
+
+    curve = {"train": [], "heldout": [], "best_step": 0}
+    best, best_state, since_best, t0 = float("inf"), None, 0, time.time()
+    for step in range(1, max_steps + 1):
+        eps = train[rng.integers(0, len(train), size=batch)]
+        pairs = list(zip(eps, (rng.random(batch) * lengths[eps]).astype(np.int64)))
+        frames, target = bc_batch(episodes, pairs, device)
+        n, f, h, w, c = frames.shape
+        x = random_shift(frames.permute(0, 1, 4, 2, 3).reshape(n, f * c, h, w).float(), gen)
+        x = x.reshape(n, f, c, h, w).permute(0, 1, 3, 4, 2).round().clamp(0, 255).to(torch.uint8)
+        loss = mse(prior(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % check_every and step != max_steps:
+            continue
+        curve["train"].append((step, loss.item()))
+        if not held_pairs:
+            continue
+        curve["heldout"].append((step, heldout_mse()))
+        if curve["heldout"][-1][1] < best:
+            best, since_best, curve["best_step"] = curve["heldout"][-1][1], 0, step
+            best_state = copy.deepcopy(prior.state_dict())
+        else:
+            since_best += 1
+        log(f"[bc] step {step}/{max_steps} train mse {loss.item():.4f} held-out mse {curve['heldout'][-1][1]:.4f} "
+            f"(best {best:.4f} at {curve['best_step']}; {time.time() - t0:.0f}s)")
+        if since_best >= patience:
+            break
+    if best_state is not None:
+        prior.load_state_dict(best_state)
+    return curve
+
+# ----------------------------------------------------------------------------------------------------------
+# The agent: world model + reward head + actor-critic; one update = world model, actor, critic
+# ----------------------------------------------------------------------------------------------------------
+
+class Agent(nn.Module):
+    """World model, reward head and actor-critic. Hyperparameters are plain arguments (Sec. 3.3, appendix J)."""
+
+    def __init__(self, cfg: "ModelConfig", action_dim: int, *, units: int, layers: int, horizon: int,
+                 discount: float = 0.99, return_lambda: float = 0.95, entropy_scale: float = 1e-4,
+                 wm_lr: float = 1e-4, actor_lr: float = 8e-5, critic_lr: float = 8e-5,
+                 kl: tuple = (1.0, 0.1, 1.0), precision: str = "auto"):
+        super().__init__()
+        self.cfg, self.action_dim, self.horizon = cfg, action_dim, horizon  # horizon: imagined steps per start
+        self.discount, self.lam, self.entropy_scale = discount, return_lambda, entropy_scale
+        self.kl, self.precision = tuple(kl), precision  # kl: beta_dyn, beta_rep, free nats (pre-training's)
+        self.wm = WorldModel(cfg)
+        feat_dim = cfg.deter + cfg.stoch * cfg.classes
+        self.reward = MLP(feat_dim, 255, units, layers, zero_output=True)
+        self.critic = MLP(feat_dim, 255, units, layers, zero_output=True)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.actor = Actor(feat_dim, units, layers)
+        self.return_norm = ReturnNorm()
+        self.register_buffer("bins", twohot_bins())
+        self.register_buffer("act_mask", (torch.arange(MAX_ACTION_DIM) < action_dim).float())
+        # World model and reward head share one optimiser (the reward loss also shapes the representation).
+        self.wm_params = list(self.wm.parameters()) + list(self.reward.parameters())
+        self.wm_opt = torch.optim.Adam(self.wm_params, lr=wm_lr, eps=1e-5, weight_decay=1e-6)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=actor_lr, eps=1e-5)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic_lr, eps=1e-5)
+
+    def autocast(self):
+        """bf16 autocast for the forward passes of an update (--precision); backward runs outside it."""
+        device = self.bins.device.type
+        if self.precision == "bf16" or (self.precision == "auto" and device == "cuda"):
+            return torch.autocast(device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def optimizers(self) -> dict:
+        return {"wm": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+
+    def imagine(self, start: dict, horizon: int):
+        """Roll the prior from posterior start states with the actor. The actor sees detached features;
+        its actions keep their graph, so returns backpropagate through the learned dynamics into the actor.
+        Returns feats [H+1, N, F] and the actor's entropy [H, N] (task action dims only)."""
+        rssm, state = self.wm.rssm, start
+        feats, ents = [rssm.get_feat(state)], []
+        for _ in range(horizon):
+            mean, std = self.actor(feats[-1].detach())
+            action = actor_sample(mean, std) * self.act_mask
+            ents.append((actor_entropy(std) * self.act_mask).sum(-1))
+            state = rssm.img_step(state, action)
+            feats.append(rssm.get_feat(state))
+        return torch.stack(feats), torch.stack(ents)
+
+    def world_model_loss(self, batch: dict):
+        """Eq. 1 on online and rehearsal rows plus the reward head's two-hot loss on online rows only (D_r
+        has no reward). -> (world-model loss, reward loss, metrics, posterior states [B, T, ...])."""
+        B, T = batch["action"].shape[:2]
+        dyn_scale, rep_scale, free = self.kl
+        wm_loss, wm_metrics, post = self.wm.loss(batch["image"], batch["action"], batch["is_first"], dyn_scale,
+                                                 rep_scale, free)
+        reward_nll = twohot_nll(self.reward(self.wm.rssm.get_feat(post)), batch["reward"], self.bins)  # [B, T]
+        mask = batch["online"].to(reward_nll.dtype)[:, None].expand(B, T)
+        reward_loss = (reward_nll * mask).sum() / mask.sum().clamp(min=1.0)
+        return wm_loss, reward_loss, wm_metrics, post
+
+    def behavior_loss(self, start: dict, start_online: Optional[torch.Tensor] = None):
+        """Actor (Eq. 3) and critic losses on one imagined batch from the start states [N, ...].
+
+        Returns are Eq. 2's lambda-returns bootstrapped from the slow critic (the release's choice): the
+        critic regresses them, the actor maximises them through the dynamics, normalised by DreamerV3's
+        percentile scale. DreamerV3 bootstraps from the fast critic and adds a regulariser toward the slow one;
+        under a constant reward that version's value stays further below its target (tests/test_finetune.py).
+        The critic runs once on the imagined features; the actor's gradient goes through it, the reward head
+        and the dynamics (all frozen here), the critic's only into its own weights."""
+        feats, ent = self.imagine(start, self.horizon)
+        # Heads on all H+1 states and slice their outputs: slicing the features instead would make the
+        # backward pass zero-fill and copy a feature-sized gradient buffer.
+        reward = twohot_mean(self.reward(feats), self.bins)[1:]  # [H, N]: reward[t] at state t+1
+        bootstrap = twohot_mean(self.slow_critic(feats), self.bins)  # [H+1, N]; weights frozen, features not
+        ret = lambda_return(reward, bootstrap, self.discount, self.lam)  # [H, N]
+        self.return_norm.update(ret)
+        scale = self.return_norm.scale()
+        weight = self.discount ** torch.arange(self.horizon, device=ret.device, dtype=ret.dtype)[:, None]
+        actor_loss = -(weight * ret).mean() / scale - self.entropy_scale * (weight * ent).mean()
+        logits = self.critic(feats[:-1])
+        critic_loss = (weight * twohot_nll(logits, ret.detach(), self.bins)).mean()
+        with torch.no_grad():
+            value = twohot_mean(logits, self.bins)
+        metrics = {"entropy": ent.mean(), "return_scale": scale, "return_mean": ret.mean(),
+                   "imag_reward": reward.mean(), "value": value.mean()}
+        if start_online is not None and start_online.any() and not start_online.all():
+            # Where imagination's reward comes from: starts in online rows against starts in D_r rows.
+            on = start_online.to(reward.dtype)
+            for name, w in (("online", on), ("offline", 1.0 - on)):
+                metrics[f"imag_reward_{name}_starts"] = (reward.detach() * w).sum() / (w.sum() * reward.shape[0])
+        return actor_loss, critic_loss, metrics
+
+    def update(self, batch: dict) -> dict:
+        """One update on a batch (tensors): image uint8 [B, T, H, W, 3], action [B, T, 12], is_first [B, T],
+        reward [B, T], online bool [B] (False for rehearsal rows, which have no reward).
+
+        All three losses are computed with the weights as they are at the start (as DreamerV3 does), then every
+        gradient norm is checked, and only then do the optimisers step: a non-finite loss or gradient raises
+        FloatingPointError before any weight changes. Returns a dict of python floats."""
+        B, T = batch["action"].shape[:2]
+        t0 = time.perf_counter()
+        with self.autocast():
+            wm_loss, reward_loss, wm_metrics, post = self.world_model_loss(batch)
+        for opt in self.optimizers().values():
+            opt.zero_grad(set_to_none=True)
+        (wm_loss + reward_loss).backward()
+        t1 = time.perf_counter()
+        start = {key: value.detach().reshape(B * T, *value.shape[2:]) for key, value in post.items()}
+        del post
+        actor_params, critic_params = list(self.actor.parameters()), list(self.critic.parameters())
+        with frozen(self.wm, self.reward):
+            with self.autocast():
+                online = batch["online"][:, None].expand(B, T).reshape(B * T)
+                actor_loss, critic_loss, ac_metrics = self.behavior_loss(start, online)
+            actor_loss.backward(inputs=actor_params, retain_graph=True)
+            critic_loss.backward(inputs=critic_params)
+        norms = {"wm_grad_norm": nn.utils.clip_grad_norm_(self.wm_params, 100.0),
+                 "actor_grad_norm": nn.utils.clip_grad_norm_(actor_params, 100.0),
+                 "critic_grad_norm": nn.utils.clip_grad_norm_(critic_params, 100.0)}
+        losses = {"wm_loss": wm_loss, "reward_loss": reward_loss, "actor_loss": actor_loss,
+                  "critic_loss": critic_loss}
+        checked = {**losses, **norms}
+        numbers = torch.stack([v.detach().float().reshape(()) for v in checked.values()]).tolist()  # one sync
+        bad = [f"{name}={x}" for name, x in zip(checked, numbers) if not math.isfinite(x)]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)}")
+        for opt in self.optimizers().values():
+            opt.step()
+        with torch.no_grad():  # slow critic: EMA with fraction 0.02 per update
+            for p_slow, p in zip(self.slow_critic.parameters(), self.critic.parameters()):
+                p_slow.lerp_(p, 0.02)
+        t2 = time.perf_counter()
+        rest = {**ac_metrics, **{f"wm/{k}": v for k, v in wm_metrics.items()}}
+        metrics = dict(zip(checked, numbers))
+        metrics.update(zip(rest, torch.stack([v.detach().float().reshape(()) for v in rest.values()]).tolist()))
+        metrics["time_wm"], metrics["time_actor_critic"] = t1 - t0, t2 - t1
+        return metrics
+
+    @torch.no_grad()
+    def diverged(self) -> list:
+        """Names of the parts whose weights are no longer finite (huge learning rates can get there with finite
+        losses and gradients)."""
+        parts = {"world model": self.wm, "reward head": self.reward, "actor": self.actor, "critic": self.critic}
+        return [name for name, m in parts.items() if not all(bool(p.isfinite().all()) for p in m.parameters())]
+
+    @torch.no_grad()
+    def first_value(self, image: np.ndarray) -> float:
+        """The critic's value of an episode's first frame (to set beside the discounted return it earned)."""
+        device = self.bins.device
+        embed = self.wm.encoder(torch.as_tensor(image, device=device)[None])
+        post, _ = self.wm.rssm.obs_step(self.wm.rssm.initial(1), torch.zeros(1, MAX_ACTION_DIM, device=device),
+                                        embed, torch.ones(1, dtype=torch.bool, device=device))
+        return float(twohot_mean(self.critic(self.wm.rssm.get_feat(post)), self.bins)[0])
+
+    @torch.no_grad()
+    def act(self, state: Optional[dict], prev_action: torch.Tensor, image: np.ndarray, mode: bool):
+        """Filter one observation and pick an action. state None = episode start. -> (action [12], state)."""
+        device = self.bins.device
+        embed = self.wm.encoder(torch.as_tensor(image, device=device)[None])
+        is_first = torch.tensor([state is None], device=device)
+        if state is None:
+            state = self.wm.rssm.initial(1)
+        post, _ = self.wm.rssm.obs_step(state, prev_action[None], embed, is_first)
+        mean, std = self.actor(self.wm.rssm.get_feat(post))
+        action = mean if mode else actor_sample(mean, std)
+        return (action * self.act_mask)[0], post
+
+def to_batch(online: dict, offline: Optional[dict], device) -> dict:
+    """Numpy sequences [B_on, T, ...] (+ rehearsal [B_off, T, ...]) -> update() batch on the device."""
+    parts = [online] + ([offline] if offline is not None else [])
+    batch = {key: torch.as_tensor(np.concatenate([p[key] for p in parts]), device=device)
+             for key in ("image", "action", "reward", "is_first")}
+    n_on = len(online["image"])
+    batch["online"] = torch.arange(len(batch["image"]), device=device) < n_on
+    return batch
+
+# ----------------------------------------------------------------------------------------------------------
+# Replay: online episodes and the retrieved set D_r (experience rehearsal, Eq. 4)
+# ----------------------------------------------------------------------------------------------------------
+
+def pad_actions(action: np.ndarray) -> np.ndarray:
+    """[T, A] -> [T, 12] zero-padded (the world model's shared action space)."""
+    out = np.zeros((action.shape[0], MAX_ACTION_DIM), np.float32)
+    out[:, : action.shape[1]] = action
+    return out
+
+def load_offline_episode(data_dir: Path, row: dict, expected_sha: str) -> dict:
+    """One retrieved episode in replay format (reward zeros: the offline data has none), sha256-checked."""
+    path = data_dir / row["path"]
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        fail(f"cannot read retrieved episode {path}: {e}")
+    if sha256_bytes(raw) != expected_sha:
+        fail(f"episode file {path} is corrupt: its sha256 differs from {data_dir / 'manifest.json'}")
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        if "image" not in z.files or "action" not in z.files:
+            fail(f"episode file {path} lacks 'image' or 'action' (keys: {z.files})")
+        image, action = z["image"], z["action"].astype(np.float32)
+        is_first = z["is_first"].astype(bool) if "is_first" in z.files else np.arange(len(image)) == 0
+    if (image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8 or action.ndim != 2
+            or len(action) != len(image) or action.shape[1] != row.get("action_dim", action.shape[1])
+            or action.shape[1] > MAX_ACTION_DIM):
+        fail(f"episode file {path} has unexpected shapes: image {image.shape} {image.dtype}, action {action.shape} "
+             f"(index says action dim {row.get('action_dim')})")
+    check_actions(action, path)
+    return {"image": image, "action": pad_actions(action), "reward": np.zeros(len(image), np.float32),
+            "is_first": is_first}
+
+def check_actions(action: np.ndarray, path: Path) -> None:
+    """Actions must be finite and in [-1, 1]: a bad value would otherwise surface hours later, unnamed."""
+    bad = ~np.isfinite(action) | (np.abs(action) > 1.0 + 1e-6)
+    if bad.any():
+        t, d = np.argwhere(bad)[0]
+        fail(f"episode file {path} has an action outside [-1, 1] or not finite: action[{t}, {d}] = {action[t, d]} "
+             f"({int(bad.sum())} such values); remove or re-collect that episode")
+
+class SequenceReplay:
+    """Episodes in memory; samples uniform random windows of seq_len steps (every valid start equally likely)."""
+
+    def __init__(self):
+        self.episodes: list[dict] = []
+        self.steps = 0  # agent steps stored (rows minus the first row of every episode)
+
+    def add(self, episode: dict) -> None:
+        n = len(episode["image"])
+        assert episode["image"].ndim == 4 and episode["image"].dtype == np.uint8, episode["image"].shape
+        assert episode["action"].shape == (n, MAX_ACTION_DIM) and episode["reward"].shape == (n,)
+        self.episodes.append(episode)
+        self.steps += n - 1
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def sample(self, rng: np.random.Generator, batch: int, seq_len: int) -> dict:
+        lengths = np.array([len(e["image"]) for e in self.episodes])
+        starts = np.maximum(lengths - seq_len + 1, 0)
+        if starts.sum() == 0:
+            raise ValueError(f"no episode has {seq_len} steps")
+        cum = np.cumsum(starts)
+        flat = rng.integers(0, cum[-1], size=batch)
+        eps = np.searchsorted(cum, flat, side="right")
+        offs = flat - (cum[eps] - starts[eps])
+        batch_ = {key: np.stack([self.episodes[e][key][o:o + seq_len] for e, o in zip(eps, offs)])
+                  for key in ("image", "action", "reward", "is_first")}
+        # Every window starts a sequence (as in pre-training, the release and DreamerV3): the model filters it
+        # from a zero state, and the RSSM zeroes the action that led into its first frame.
+        batch_["is_first"][:, 0] = True
+        return batch_
+
+def replay_path(out_dir: Path, index: int) -> Path:
+    return out_dir / "replay" / f"ep-{index:06d}.npz"
+
+def save_episode(path: Path, episode: dict) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **episode)
+    write_atomic(path, buf.getvalue())
+
+def load_episode(path: Path) -> dict:
+    """An online episode of this run's replay (for --resume), checked like the offline ones."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            episode = {key: z[key] for key in ("image", "action", "reward", "is_first")}
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not an npz
+        fail(f"replay episode {path} is missing or damaged ({type(e).__name__}: {e}); the run cannot resume "
+             f"exactly: start it again in a new --out-dir")
+    check_actions(episode["action"], path)
+    return episode
+
+# ----------------------------------------------------------------------------------------------------------
+# Acting in the environment: the RL policy, the prior's windows, evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+class PriorActor:
+    """Runs pi_bc on the last 3 frames of the current episode."""
+
+    def __init__(self, prior: BCPrior, device):
+        self.prior, self.device, self.frames = prior, device, deque(maxlen=BC_FRAMES)
+
+    def reset(self, image):
+        self.frames.clear()
+        self.frames.extend([image] * BC_FRAMES)
+
+    def observe(self, image):
+        self.frames.append(image)
+
+    @torch.no_grad()
+    def act(self) -> torch.Tensor:
+        return self.prior(torch.as_tensor(np.stack(self.frames), device=self.device)[None])[0].clamp(-1.0, 1.0)
+
+def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mode: bool = False,
+                prior: Optional[PriorActor] = None, prior_window: tuple = (0, 0), random_actions: bool = False,
+                record: bool = False):
+    """One episode. Step t uses pi_bc if prior_window[0] <= t < sum(prior_window), else random actions (warm-up
+    without guidance) or the RL policy (its mode with mode=True). When the RL policy acts anywhere in the episode
+    it filters every observation, so its state is right when it takes over.
+    Returns (episode dict in replay format, (stats, the frames if record else None))."""
+    device, A = agent.bins.device, env.action_dim
+    image = env.reset()
+    images, actions, episode_rewards = [image], [np.zeros(MAX_ACTION_DIM, np.float32)], [0.0]
+    state, prev = None, torch.zeros(MAX_ACTION_DIM, device=device)
+    if prior is not None:
+        prior.reset(image)
+    successes, prior_steps, done, t = [], 0, False, 0
+    # The RL policy's state is only needed if the policy acts at some step of this episode.
+    uses_policy = not random_actions and not (prior is not None and prior_window[0] == 0
+                                              and prior_window[1] >= max_steps)
+    while not done and t < max_steps:
+        action = None
+        if uses_policy:
+            action, state = agent.act(state, prev, image, mode)
+        if prior is not None and prior_window[0] <= t < prior_window[0] + prior_window[1]:
+            action, prior_steps = prior.act() * agent.act_mask, prior_steps + 1
+        elif random_actions:
+            action = torch.as_tensor(np.pad(rng.uniform(-1, 1, A), (0, MAX_ACTION_DIM - A)).astype(np.float32),
+                                     device=device)
+        a = action.cpu().numpy().astype(np.float32)
+        image, reward, done, info = env.step(a[:A])  # only the task's own dims reach the env
+        if prior is not None:
+            prior.observe(image)
+        images.append(image)
+        actions.append(a)
+        episode_rewards.append(reward)
+        successes.append(bool(info.get("success", False)))
+        prev, t = action, t + 1
+    episode = {"image": np.stack(images), "action": np.stack(actions).astype(np.float32),
+               "reward": np.asarray(episode_rewards, np.float32), "is_first": np.arange(len(images)) == 0}
+    discounts = agent.discount ** np.arange(len(episode_rewards) - 1)
+    stats = {"return": float(np.sum(episode_rewards)), "length": t,
+             "return_discounted": float(np.sum(discounts * np.asarray(episode_rewards[1:]))),
+             "value_first": agent.first_value(images[0]),
+             "success": bool(successes[-1]) if successes else False, "success_any": any(successes),
+             "prior_steps": prior_steps}
+    return episode, (stats, images if record else None)
+
+def evaluate(env, agent: Agent, episodes: int, max_steps: int, rng) -> tuple[dict, list]:
+    stats, video = [], None
+    for i in range(episodes):
+        _, (s, frames) = run_episode(env, agent, rng, max_steps, mode=True, record=(i == 0))
+        stats.append(s)
+        video = frames if i == 0 else video
+    out = {"eval_return": float(np.mean([s["return"] for s in stats])),
+           "eval_return_discounted": float(np.mean([s["return_discounted"] for s in stats])),
+           "eval_value_first": float(np.mean([s["value_first"] for s in stats]))}
+    if env.is_metaworld:
+        out["eval_success"] = float(np.mean([s["success"] for s in stats]))
+        out["eval_success_any"] = float(np.mean([s["success_any"] for s in stats]))
+    return out, video
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: errors, hashing, atomic writes, logs, checkpoints and upstream artefacts
+# ----------------------------------------------------------------------------------------------------------
+
+def fail(message: str):
+    raise SystemExit(f"{SCRIPT}: error: {message}")
+
+def keep_freed_memory() -> bool:
+    """glibc only: serve large tensors from the heap and never give freed memory back. By default each large
+    allocation is a fresh mmap whose pages fault in zeroed on first touch; an update allocates gigabytes of
+    activations, and this setting makes it ~10% cheaper on CPU. Returns whether it took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, fsync, rename: readers never see a partial file. A failed write
+    removes its temporary file; a full disk is named as the cause."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            fail(f"No space left on device while writing {path}; free some space and resume with --resume")
+        raise
+
+def sweep_temporary_files(directory: Path) -> None:
+    """Remove `*.tmp-<pid>` files that write_atomic left behind in a process that no longer runs."""
+    for tmp in directory.rglob("*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split(".")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+def read_log_lines(path: Path) -> list:
+    """The JSON lines of a log. A torn last line (a kill mid-write) is dropped; a bad line before it is an error."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print(f"[finetune] {path}: dropped a torn last line")
+                return lines[:-1]
+            fail(f"{path} line {i + 1} is not JSON; the log is damaged (remove that line to resume)")
+    return lines
+
+def write_video(path: Path, frames: list) -> None:
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    imageio.mimwrite(tmp, np.stack(frames), fps=30, macro_block_size=16)
+    os.replace(tmp, path)
+
+def load_torch_file(path: Path, what: str, remedy: str) -> dict:
+    """torch.load with weights_only=True (a shared file cannot run code); a damaged file is named, with a remedy."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, random bytes, pickled code: all are a damaged file here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"{path} ({what}) is damaged or not a checkpoint of this project ({type(e).__name__}: {first[:200]}); "
+             f"{remedy}")
+    if not isinstance(obj, dict):
+        fail(f"{path} ({what}) does not hold a checkpoint dict; {remedy}")
+    return obj
+
+def resolve_size(args: Args, wm_ckpt: Optional[dict]) -> str:
+    if args.size is not None:
+        return args.size
+    if wm_ckpt is None:
+        return "xs"
+    size = (wm_ckpt.get("args") or {}).get("size")
+    if size not in SIZES:
+        fail(f"cannot tell the checkpoint's size ({size!r}); pass --size")
+    return size
+
+def model_config_for(size: str) -> "ModelConfig":
+    fields = set(ModelConfig.__dataclass_fields__)
+    return ModelConfig(**{k: v for k, v in SIZES[size].items() if k in fields})
+
+def load_wm_checkpoint(path: Path) -> tuple[dict, str]:
+    if not path.is_file():
+        fail(f"checkpoint {path} not found (train one with pretrain_wm.py, or pass --no-pretrain)")
+    sha = sha256_file(path)
+    ckpt = load_torch_file(path, "the world-model checkpoint", "re-run pretrain_wm.py, or pass --no-pretrain")
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != 1 or "model_config" not in ckpt:
+        fail(f"{path} is not a pretrain_wm.py checkpoint of format version 1 "
+             f"(format_version={ckpt.get('format_version') if isinstance(ckpt, dict) else None})")
+    return ckpt, sha
+
+def check_model_config(ckpt: dict, size: str, path: Path) -> "ModelConfig":
+    want = asdict(model_config_for(size))
+    got = dict(ckpt["model_config"])
+    if got != want:
+        diff = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)}
+        fail(f"checkpoint {path} holds a world model of another size than --size {size}: "
+             + ", ".join(f"{k}: checkpoint {a} vs {size} {b}" for k, (a, b) in diff.items()))
+    return ModelConfig(**got)
+
+def load_index(index_dir: Path, checkpoint_sha: str, checkpoint: Path):
+    meta_path, faiss_path = index_dir / "index.json", index_dir / "index.faiss"
+    if not meta_path.is_file() or not faiss_path.is_file():
+        fail(f"no retrieval index in {index_dir} (expected index.faiss and index.json; build one with "
+             f"`python retrieval.py build`, or pass --no-rehearsal --no-guidance)")
+    rebuild = f"rebuild the index with `python retrieval.py build --checkpoint {checkpoint} --overwrite`"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{meta_path} is damaged ({e}); {rebuild}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("rows"), list):
+        fail(f"{meta_path} is not a retrieval index sidecar (no 'rows' list); {rebuild}")
+    if meta.get("format_version") != 1:
+        fail(f"{meta_path} has format_version {meta.get('format_version')}, expected 1")
+    if meta.get("checkpoint_sha256") != checkpoint_sha:
+        fail(f"the index in {index_dir} was built with another encoder (checkpoint sha256 "
+             f"{str(meta.get('checkpoint_sha256'))[:16]}...) than {checkpoint} ({checkpoint_sha[:16]}...); "
+             f"rebuild it with `python retrieval.py build --checkpoint {checkpoint}`")
+    try:
+        index = faiss.read_index(str(faiss_path))
+    except Exception as e:  # noqa: BLE001 - faiss raises RuntimeError with its C++ message
+        fail(f"{faiss_path} is damaged ({str(e).strip().splitlines()[0][:200]}); {rebuild}")
+    if index.ntotal != len(meta["rows"]):
+        fail(f"{faiss_path} holds {index.ntotal} vectors but {meta_path} lists {len(meta['rows'])} episodes; {rebuild}")
+    return index, meta
+
+def load_manifest(data_dir: Path, expected_sha: str) -> dict:
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        fail(f"no manifest.json in {data_dir} (the offline data the index was built over)")
+    raw = path.read_bytes()
+    if sha256_bytes(raw) != expected_sha:
+        fail(f"{path} differs from the manifest the index was built over (sha256 mismatch)")
+    return json.loads(raw)  # its sha256 matches the one recorded at build time, so it parsed then
+
+def rng_state(np_rng: np.random.Generator) -> dict:
+    state = {"numpy": json.dumps(np_rng.bit_generator.state), "python": json.dumps(random.getstate()),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+def set_rng_state(state: dict, np_rng: np.random.Generator) -> None:
+    np_rng.bit_generator.state = json.loads(state["numpy"])
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+def save_checkpoint(path: Path, agent: Agent, prior: Optional[BCPrior], bc_opt_done: bool, counters: dict,
+                    np_rng: np.random.Generator, args: Args, extra: dict) -> None:
+    ckpt = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": asdict(args),
+            "model_config": asdict(agent.cfg), "model": agent.wm.state_dict(),
+            "reward": agent.reward.state_dict(), "actor": agent.actor.state_dict(),
+            "critic": agent.critic.state_dict(), "slow_critic": agent.slow_critic.state_dict(),
+            "return_norm": agent.return_norm.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in agent.optimizers().items()},
+            "bc_prior": prior.state_dict() if prior is not None else None, "bc_done": bc_opt_done,
+            "counters": dict(counters), "rng": rng_state(np_rng), **extra}
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    write_atomic(path, buf.getvalue())
+
+# ----------------------------------------------------------------------------------------------------------
+# Algorithm 1: the run's preamble and steps as functions, then main
+# ----------------------------------------------------------------------------------------------------------
+
+def variant_name(args: Args) -> str:
+    """The ablation's name, as report.py groups runs (tests keep the two in agreement)."""
+    if args.no_pretrain:
+        return "no-pretrain"  # DreamerV3 from scratch
+    if args.no_rehearsal and args.no_guidance:
+        return "pretrain-only"  # pre-trained world model, naive fine-tuning
+    if args.no_guidance:
+        return "no-guidance"
+    jsrl = args.guidance == "jsrl"
+    if args.no_rehearsal:
+        return "no-rehearsal" + ("-jsrl" if jsrl else "")
+    return "jsrl" if jsrl else "gsa"
+
+@dataclass
+class Setup:
+    """What main needs, read and checked before anything is written."""
+
+    out_dir: Path
+    resume: Optional[dict]  # the run's own checkpoint with --resume, else None
+    device: torch.device
+    wm_ckpt: Optional[dict]  # the pretrained world model (None with --no-pretrain)
+    wm_sha: Optional[str]
+    size: str
+    cfg: "ModelConfig"
+    index: object  # Faiss index, its sidecar and the data manifest (None without retrieval)
+    meta: Optional[dict]
+    manifest: Optional[dict]
+    preset: dict  # AGENT_SIZES[size] with the flags that override it
+    b_on: int  # online and rehearsal rows of a batch
+    b_off: int
+    use_guidance: bool
+    use_rehearsal: bool
+
+def prepare(args: Args) -> Setup:
+    """Validate every flag and read every upstream file (the run's checkpoint with --resume, the world model,
+    the index and the manifest); nothing is written here, so a bad input changes nothing."""
+    if args.task not in TASK_NAMES:
+        fail(f"unknown task {args.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+    check_ranges(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    use_guidance = not (args.no_pretrain or args.no_guidance)
+    use_rehearsal = not (args.no_pretrain or args.no_rehearsal) and args.offline_ratio > 0
+    out_dir = Path(args.out_dir or f"runs/finetune/{args.task}-{variant_name(args)}-s{args.seed}")
+    ckpt_path = out_dir / "ckpt.pt"
+    resume = None
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out-dir {out_dir} is not a directory")
+    if args.resume:
+        if ckpt_path.is_file():
+            resume = load_torch_file(ckpt_path, "the run's checkpoint",
+                                     "start the run again in a new --out-dir (or restore ckpt.pt from a backup)")
+            if resume.get("format_version") != FORMAT_VERSION or resume.get("script") != SCRIPT:
+                fail(f"{ckpt_path} is not a {SCRIPT} checkpoint of format version {FORMAT_VERSION}")
+            saved = dict(resume["args"])
+            ignore = {"resume", "env_steps", "threads", "device", "precision", "out_dir", "eval_every",
+                      "eval_episodes", "checkpoint_every", "video"}
+            diff = [k for k in asdict(args) if k not in ignore and saved.get(k) != getattr(args, k)]
+            if diff:
+                fail(f"--resume with settings that differ from the run in {out_dir}: "
+                     + ", ".join(f"{k} ({saved.get(k)!r} there, {getattr(args, k)!r} now)" for k in diff))
+        else:
+            print(f"[finetune] --resume: no checkpoint in {out_dir}; starting a fresh run there")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        fail(f"{out_dir} exists and is not empty; pass --resume to continue that run or choose another --out-dir")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+    wm_ckpt, wm_sha = (None, None) if args.no_pretrain else load_wm_checkpoint(Path(args.checkpoint))
+    size = resolve_size(args, wm_ckpt)
+    cfg = model_config_for(size) if args.no_pretrain else check_model_config(wm_ckpt, size, Path(args.checkpoint))
+    index = meta = manifest = None
+    if use_guidance or use_rehearsal:
+        index, meta = load_index(Path(args.index_dir), wm_sha, Path(args.checkpoint))
+        manifest = load_manifest(Path(args.data_dir), meta.get("manifest_sha256"))
+    preset = dict(AGENT_SIZES[size])
+    overrides = {"batch_size": args.batch_size, "seq_len": args.seq_len, "horizon": args.horizon,
+                 "train_ratio": args.train_ratio, "warmup_frames": args.warmup_frames, "bc_steps": args.bc_steps,
+                 "eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
+    preset.update({key: value for key, value in overrides.items() if value is not None})
+    B = preset["batch_size"]
+    b_off = int(round(B * args.offline_ratio)) if use_rehearsal else 0
+    if B - b_off < 1:
+        fail(f"batch {B} with --offline-ratio {args.offline_ratio} leaves no online rows")
+    return Setup(out_dir, resume, device, wm_ckpt, wm_sha, size, cfg, index, meta, manifest, preset, B - b_off,
+                 b_off, use_guidance, use_rehearsal)
+
+def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
+    """The agent around the pretrained world model, whole (Sec. 3.3), or a fresh one (--no-pretrain)."""
+    kl = (1.0, 0.1, 1.0)  # beta_dyn, beta_rep, free nats: pre-training's own (from its args when pretrained)
+    if setup.wm_ckpt is not None:
+        pre = setup.wm_ckpt.get("args") or {}
+        kl = (pre.get("dyn_scale", 1.0), pre.get("rep_scale", 0.1), pre.get("free_nats", 1.0))
+    p = setup.preset
+    agent = Agent(setup.cfg, action_dim, units=p["units"], layers=p["layers"], horizon=p["horizon"],
+                  discount=args.discount, return_lambda=args.return_lambda, entropy_scale=args.entropy_scale,
+                  wm_lr=args.wm_lr, actor_lr=args.actor_lr, critic_lr=args.critic_lr, kl=kl,
+                  precision=args.precision).to(setup.device)
+    if setup.wm_ckpt is not None:
+        agent.wm.load_state_dict(setup.wm_ckpt["model"], strict=True)
+    return agent
+
+def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple:
+    """Step 1 (Eq. 4): the k offline episodes whose first frames are nearest to the task's reset frames, of the
+    task's action dim, encoded by the agent's own encoder. A resumed run reloads the set it retrieved.
+    -> (D_r as a SequenceReplay, [(index row, distance)])."""
+    A = env.action_dim
+    if setup.resume is not None:
+        rows = {r["path"]: r for r in setup.meta["rows"]}
+        missing = [path for path, _ in setup.resume["retrieved"] if path not in rows]
+        if missing:
+            fail(f"the index in {args.index_dir} changed since this run started: {missing[0]} is gone")
+        pairs = [(rows[path], dist) for path, dist in setup.resume["retrieved"]]
+    else:
+        frames = render_reset_frames(args.task, args.query_resets, args.seed)
+        with torch.no_grad():
+            query = agent.wm.encoder(torch.as_tensor(frames, device=setup.device)).float().cpu().numpy()
+        t0 = time.time()
+        pairs = retrieve(setup.index, setup.meta, query, args.k, action_dim=A)
+        print(f"[retrieval] {len(pairs)} episodes in {time.time() - t0:.2f}s (k={args.k}, action dim {A})")
+    if not pairs:
+        fail(f"the index in {args.index_dir} has no episode with action dim {A} for {args.task}; "
+             f"collect data for {env.embodiment} or pass --no-rehearsal --no-guidance")
+    shas = {ep["path"]: ep["sha256"] for ep in setup.manifest["episodes"]}
+    offline = SequenceReplay()
+    for row, _ in pairs:
+        if row["path"] not in shas:
+            fail(f"retrieved episode {row['path']} is not in {args.data_dir}/manifest.json")
+        offline.add(load_offline_episode(Path(args.data_dir), row, shas[row["path"]]))
+    L = setup.preset["seq_len"]
+    if setup.use_rehearsal and all(len(e["image"]) < L for e in offline.episodes):
+        fail(f"no retrieved episode has {L} steps (--seq-len)")
+    return offline, pairs
+
+def retrieval_summary(args: Args, pairs: list, action_dim: int) -> dict:
+    """What D_r is made of: counts by embodiment and by source task, and every episode with its distance."""
+    return {"k": args.k, "action_dim": action_dim,
+            "by_embodiment": dict(Counter(row["embodiment"] for row, _ in pairs)),
+            "by_source_task": dict(Counter(f"{row['embodiment']}/{row.get('task')}" for row, _ in pairs)),
+            "episodes": [{"path": row["path"], "embodiment": row["embodiment"], "task": row.get("task"),
+                          "distance": dist} for row, dist in pairs]}
+
+def train_prior(args: Args, setup: Setup, offline: SequenceReplay, action_dim: int, np_rng, writer) -> BCPrior:
+    """Step 2: behaviour-clone pi_bc on D_r (or reload it on resume)."""
+    p = setup.preset
+    prior = BCPrior(p["bc_depth"], p["bc_units"]).to(setup.device)
+    if setup.resume is not None and setup.resume.get("bc_done"):
+        prior.load_state_dict(setup.resume["bc_prior"])
+    else:
+        t0 = time.time()
+        curve = train_bc(prior, offline.episodes, p["bc_steps"], p["bc_batch"], args.bc_lr, action_dim, np_rng,
+                         setup.device)
+        for step, value in curve["heldout"]:
+            writer.add_scalar("bc/heldout_mse", value, step)
+        write_json_atomic(setup.out_dir / "bc.json", {**curve, "seconds": time.time() - t0})
+        print(f"[bc] done in {time.time() - t0:.0f}s; kept the weights of step {curve['best_step']}")
+    return prior.eval()
+
+def restore(setup: Setup, agent: Agent, np_rng, online: SequenceReplay, counters: dict) -> None:
+    """Everything of a resumed run but the simulator: weights, optimisers, return normalisation, RNG states and
+    the online replay (reread from its episode files)."""
+    ckpt = setup.resume
+    agent.wm.load_state_dict(ckpt["model"])
+    for name in ("reward", "actor", "critic", "slow_critic", "return_norm"):
+        getattr(agent, name).load_state_dict(ckpt[name])
+    for name, opt in agent.optimizers().items():
+        opt.load_state_dict(ckpt["optimizers"][name])
+    set_rng_state(ckpt["rng"], np_rng)
+    for i in range(counters["episodes"]):
+        online.add(load_episode(replay_path(setup.out_dir, i)))
+    print(f"[finetune] resumed at {counters['env_frames']} frames, {counters['episodes']} episodes, "
+          f"{counters['updates']} updates")
+
+class RunLogs:
+    """TensorBoard plus three JSON-lines logs: metrics.jsonl (evaluations), train.jsonl (mean losses of each
+    episode's updates) and episodes.jsonl (every collected episode). On resume, lines after the checkpoint's
+    env frame count are dropped, so no row is duplicated or missing."""
+
+    NAMES = ("metrics", "train", "episodes")
+
+    def __init__(self, out_dir: Path, env_frames: int):
+        for name in self.NAMES:
+            path = out_dir / f"{name}.jsonl"
+            if path.is_file():
+                kept = [line for line in read_log_lines(path) if json.loads(line)["env_steps"] <= env_frames]
+                write_atomic(path, "".join(line + "\n" for line in kept).encode())
+        self.files = {name: open(out_dir / f"{name}.jsonl", "a") for name in self.NAMES}
+        self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, name: str, line: dict, scalars: Optional[dict] = None) -> None:
+        self.files[name].write(json.dumps(line) + "\n")
+        self.files[name].flush()
+        for key, value in (scalars or {}).items():
+            self.tb.add_scalar(key, value, line["env_steps"])
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.tb.close()
+
+def train_updates(agent: Agent, online: SequenceReplay, offline: Optional[SequenceReplay], setup: Setup,
+                  counters: dict, np_rng) -> dict:
+    """Step 4: the updates now due at the train ratio, counted from where training started. Each batch is
+    b_on online sequences and b_off rehearsal sequences from D_r. -> mean metrics of these updates ({} if none)."""
+    B, L = setup.preset["batch_size"], setup.preset["seq_len"]
+    owed = int((counters["agent_steps"] - counters["train_origin"]) * setup.preset["train_ratio"] / (B * L))
+    due, summed, t_note = owed - counters["updates"], {}, time.time()
+    for i in range(max(due, 0)):
+        if time.time() - t_note > 60:  # a progress line during a long run of updates
+            print(f"[finetune] update {i}/{due} of this episode ({counters['updates']} in all)", flush=True)
+            t_note = time.time()
+        on = online.sample(np_rng, setup.b_on, L)
+        off = offline.sample(np_rng, setup.b_off, L) if setup.b_off else None
+        for key, value in agent.update(to_batch(on, off, setup.device)).items():
+            summed[key] = summed.get(key, 0.0) + value
+        counters["updates"] += 1
+    return {key: value / due for key, value in summed.items()} | ({"updates_this_episode": due} if due > 0 else {})
+
+def main(args: Args) -> None:
+    wall0 = time.time()
+    setup = prepare(args)
+    if setup.device.type == "cpu":
+        keep_freed_memory()
+    out_dir, preset, use_guidance = setup.out_dir, setup.preset, setup.use_guidance
+    ckpt_path = out_dir / "ckpt.pt"
+    # The train env is seeded by the seed and (on resume) the episode count: simulator state cannot be
+    # checkpointed, so a resumed run's later episodes differ from an uninterrupted run's.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    np_rng = np.random.default_rng(args.seed)
+    counters = {"env_frames": 0, "agent_steps": 0, "episodes": 0, "updates": 0, "evals": 0, "wall_time": 0.0,
+                "last_ckpt_frames": 0, "train_origin": -1}  # train_origin: agent steps when training began
+    counters.update(setup.resume["counters"] if setup.resume is not None else {})
+    env, eval_env = make_env(args.task, seed=args.seed + 1000 * counters["episodes"]), None
+    max_steps = env.max_steps if args.max_episode_steps is None else min(env.max_steps, args.max_episode_steps)
+    agent = build_agent(args, setup, env.action_dim)
+    print(f"[finetune] {args.task} ({env.embodiment}, {env.action_dim} action dims), size {setup.size}, variant "
+          f"{variant_name(args)}, world model {sum(p.numel() for p in agent.wm.parameters()) / 1e6:.2f}M params, "
+          f"device {setup.device}, {'bf16' if isinstance(agent.autocast(), torch.autocast) else 'fp32'}, out {out_dir}")
+
+    # 1. Retrieval of D_r (Eq. 4).
+    offline, pairs = (retrieve_rehearsal_set(args, setup, agent, env) if use_guidance or setup.use_rehearsal
+                      else (None, []))
+    summary = retrieval_summary(args, pairs, env.action_dim) if pairs else None
+    if summary:
+        print(f"[retrieval] D_r: {len(offline)} episodes, {offline.steps} steps; by embodiment "
+              f"{summary['by_embodiment']}; by source task {summary['by_source_task']}")
+
+    # The run directory, written only now: every input has been checked.
+    if out_dir.is_dir():
+        sweep_temporary_files(out_dir)
+    (out_dir / "replay").mkdir(parents=True, exist_ok=True)
+    (out_dir / "videos").mkdir(exist_ok=True)
+    write_json_atomic(out_dir / "args.json", {**asdict(args), "resolved_size": setup.size, "resolved": preset,
+                                              "device": str(setup.device)})
+    if summary and setup.resume is None:
+        write_json_atomic(out_dir / "retrieval.json", summary)
+    logs = RunLogs(out_dir, counters["env_frames"])
+
+    # 2. The prior pi_bc, cloned from D_r.
+    prior = train_prior(args, setup, offline, env.action_dim, np_rng, logs.tb) if use_guidance else None
+    g_start, g_end, g_frames = guidance_schedule(args, env.is_metaworld)
+    online = SequenceReplay()
+    if setup.resume is not None:
+        restore(setup, agent, np_rng, online, counters)
+    wall_offset, setup.resume, setup.wm_ckpt = counters["wall_time"], None, None
+
+    def checkpoint():
+        counters["wall_time"] = wall_offset + time.time() - wall0
+        counters["last_ckpt_frames"] = counters["env_frames"]
+        save_checkpoint(ckpt_path, agent, prior, use_guidance, counters, np_rng, args,
+                        {"size": setup.size, "task": args.task, "retrieved": [[r["path"], d] for r, d in pairs],
+                         "guidance": {"start": g_start, "end": g_end, "frames": g_frames}})
+
+    if counters["episodes"] == 0:
+        checkpoint()  # the prior is kept, so a resume does not clone it again
+    warmup_total = max(preset["warmup_frames"], preset["warmup_episodes"] * max_steps * ACTION_REPEAT)
+    print(f"[finetune] batch {setup.b_on}+{setup.b_off} x {preset['seq_len']}, horizon {preset['horizon']}, train "
+          f"ratio {preset['train_ratio']}, warm-up {warmup_total} frames, guidance "
+          f"{f'{args.guidance} p {g_start}->{g_end} over {g_frames} frames' if use_guidance else 'off'}", flush=True)
+    rate_t, rate_frames = time.time(), counters["env_frames"]
+    try:
+        while counters["env_frames"] < args.env_steps:
+            # 3. Collect one episode: the warm-up by pi_bc (random actions without guidance), then with
+            # probability p (linear schedule) pi_bc drives a random window of the episode.
+            warm = counters["env_frames"] < warmup_total
+            p = guidance_probability(counters["env_frames"], g_start, g_end, g_frames) if use_guidance else 0.0
+            window = (0, 0)
+            if warm and use_guidance:
+                window = (0, max_steps)
+            elif use_guidance and np_rng.random() < p:
+                window = guidance_window(max_steps, np_rng, args.guidance)
+            agent.eval()
+            episode, (stats, _) = run_episode(env, agent, np_rng, max_steps, prior_window=window,
+                                              prior=PriorActor(prior, setup.device) if prior is not None else None,
+                                              random_actions=warm and not use_guidance)
+            agent.train()
+            save_episode(replay_path(out_dir, counters["episodes"]), episode)
+            online.add(episode)
+            counters["episodes"] += 1
+            counters["agent_steps"] += stats["length"]
+            counters["env_frames"] += stats["length"] * ACTION_REPEAT
+            line = {"env_steps": counters["env_frames"], "episode": counters["episodes"] - 1, "warmup": warm,
+                    "guidance_p": p, "prior_first": window[0],
+                    **{k: stats[k] for k in ("return", "length", "prior_steps", "return_discounted", "value_first")},
+                    **({k: stats[k] for k in ("success", "success_any")} if env.is_metaworld else {})}
+            logs.write("episodes", line, {"episode/return": stats["return"], "episode/guidance_p": p,
+                                          "episode/prior_steps": stats["prior_steps"]})
+
+            # 4. Train (the release's timing): from the episode that brings the replay to train_after_episodes
+            # (or ends the warm-up, if sooner), at the train ratio, with no catch-up for the earlier steps.
+            if counters["train_origin"] < 0 and (counters["episodes"] >= args.train_after_episodes
+                                                 or counters["env_frames"] >= warmup_total):
+                counters["train_origin"] = counters["agent_steps"]
+                print(f"[finetune] training starts after {counters['episodes']} episodes")
+            means = {}
+            if counters["train_origin"] >= 0:
+                means = train_updates(agent, online, offline, setup, counters, np_rng)
+            if means:
+                bad = agent.diverged()
+                if bad:
+                    fail(f"the weights of the {', '.join(bad)} are no longer finite after update {counters['updates']} "
+                         f"(learning rates too high?); stopped before overwriting the last checkpoint {ckpt_path}")
+                logs.write("train", {"env_steps": counters["env_frames"], "train_updates": counters["updates"],
+                                     **means}, {f"train/{k}": v for k, v in means.items()})
+            fps = (counters["env_frames"] - rate_frames) / max(time.time() - rate_t, 1e-9)
+            eta = (args.env_steps - counters["env_frames"]) / max(fps, 1e-9) / 60
+            print(f"[finetune] {counters['env_frames']}/{args.env_steps} frames | ep {counters['episodes']} return "
+                  f"{stats['return']:.1f} prior {stats['prior_steps']}/{stats['length']} p {p:.2f} | updates "
+                  f"{counters['updates']} | {fps:.1f} frames/s | eta {eta:.1f} min"
+                  + (f" | wm {means['wm_loss']:.3f} actor {means['actor_loss']:.3f}" if means else ""), flush=True)
+
+            # 5. Evaluate the RL policy's mode (no prior) every eval_every frames, and checkpoint.
+            done = counters["env_frames"] >= args.env_steps
+            if counters["env_frames"] >= (counters["evals"] + 1) * preset["eval_every"] or done:
+                eval_env = eval_env or make_env(args.task, seed=args.seed + 10_000 + counters["evals"])
+                agent.eval()
+                result, video = evaluate(eval_env, agent, preset["eval_episodes"], max_steps, np_rng)
+                agent.train()
+                counters["evals"] = max(counters["evals"] + 1, counters["env_frames"] // preset["eval_every"])
+                logs.write("metrics", {"env_steps": counters["env_frames"], **result,
+                                       "wall_time": wall_offset + time.time() - wall0,
+                                       "train_updates": counters["updates"], "guidance_p": p,
+                                       "episodes": counters["episodes"]},
+                           {f"eval/{k[5:]}": v for k, v in result.items()})
+                if args.video and video:
+                    write_video(out_dir / "videos" / f"eval-{counters['env_frames']:07d}.mp4", video)
+                print(f"[eval] {counters['env_frames']} frames: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+                checkpoint()
+            elif done or counters["env_frames"] - counters["last_ckpt_frames"] >= args.checkpoint_every:
+                checkpoint()
+    except FloatingPointError as e:
+        fail(f"{e} at update {counters['updates']}; stopped, the last checkpoint {ckpt_path} is kept")
+    finally:
+        logs.close()
+        env.close()
+        if eval_env is not None:
+            eval_env.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"[finetune] done: {counters['env_frames']} frames, {counters['updates']} updates, "
+          f"{(wall_offset + time.time() - wall0) / 60:.1f} min, peak memory {peak:.0f} MB")
+
+# ==========================================================================================================
+# Appendix: code this script shares with the others, kept here so that the file stands alone.
+#   * the task suite (the paper's 22 DMControl and 50 Meta-World tasks from pixels): its original lives here;
+#     tests/test_tasks.py checks every custom reward;
+#   * `retrieve` and `render_reset_frames`: verbatim copies of retrieval.py's (tests keep them identical);
+#   * the world-model classes and the size table: verbatim copies of pretrain_wm.py's (tests compare the
+#     source text, and a checkpoint of one script loads strictly into the other's classes).
+# ==========================================================================================================
 
 # ==== environments: the paper's 22 DMControl and 50 Meta-World tasks from pixels (Sec. 4, appendix) ====
 
@@ -569,7 +1768,6 @@ def make_env(task: str, seed: int, image_size: int = 64, action_repeat: int = 2)
     return PixelEnv(task, seed, image_size=image_size, action_repeat=action_repeat)
 # ==== end environments ====
 
-
 # ==== shared retrieval function: an identical copy lives in finetune_gsa.py ====
 def retrieve(index, meta: dict, query_features: np.ndarray, k: int, action_dim: Optional[int] = None):
     """Eq. 4: the k offline episodes whose first-frame features are nearest to the query features.
@@ -611,7 +1809,6 @@ def retrieve(index, meta: dict, query_features: np.ndarray, k: int, action_dim: 
     first = np.sort(first)[:want]
     return [(dict(rows[i]), float(d)) for i, d in zip(ids[first].tolist(), dist[first].tolist())]
 # ==== end shared retrieval function ====
-
 
 # ==== shared query rendering: an identical copy lives in finetune_gsa.py (tests keep them in sync) ====
 QUERY_SEED_OFFSET = 20_000  # the query env's seed is the run's seed plus this, apart from the train/eval envs'
@@ -663,7 +1860,6 @@ def render_reset_frames(task: str, num_resets: int, seed: int, size: int = 64) -
     env.close()
     return np.stack(frames)
 # ==== end shared query rendering ====
-
 
 # ==== shared model classes: identical copies live in finetune_gsa.py (and ModelConfig/Encoder in retrieval.py); tests keep them in sync ====
 @dataclass
@@ -986,7 +2182,6 @@ class WorldModel(nn.Module):
         return loss, metrics, post
 # ==== end shared model classes ====
 
-
 # World-model part of the named sizes: verbatim copy of pretrain_wm.py's table (tested). Its batch_size and
 # seq_len are pre-training's; fine-tuning's batch shape is in AGENT_SIZES.
 SIZES = {
@@ -996,1210 +2191,6 @@ SIZES = {
     "paper": dict(cnn_depth=96, deter=12288, hidden=1536, stoch=32, classes=96, blocks=8, batch_size=32,
                   seq_len=64),
 }
-
-# Fine-tuning part of the sizes. `paper` follows the paper's appendix and the release (MLPs 3 x 512, batch
-# 16 x 64, horizon 16, train ratio 256, BC at most 150k steps of batch 256 with a 2 x 512 MLP, warm-up 15k
-# frames). `s` is DreamerV3's S size (2-layer MLPs of 512), the speed-benchmark size. `xs` is the CPU preset:
-# shorter sequences, a quarter of the replay ratio, BC with a half-width CNN, warm-up of 5 episodes. BC stops
-# early once its held-out loss stops falling. `tiny` runs a whole fine-tune in seconds.
-AGENT_SIZES = {
-    "tiny": dict(units=32, layers=1, batch_size=4, seq_len=8, horizon=4, train_ratio=16, bc_depth=4, bc_units=32,
-                 bc_steps=4, bc_batch=8, warmup_frames=0, warmup_episodes=1, eval_every=80, eval_episodes=1),
-    "xs": dict(units=256, layers=2, batch_size=16, seq_len=32, horizon=16, train_ratio=64, bc_depth=16,
-               bc_units=256, bc_steps=30_000, bc_batch=64, warmup_frames=5000, warmup_episodes=5,
-               eval_every=5000, eval_episodes=10),
-    "s": dict(units=512, layers=2, batch_size=16, seq_len=64, horizon=16, train_ratio=256, bc_depth=32,
-              bc_units=512, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
-              eval_every=10_000, eval_episodes=10),
-    "paper": dict(units=512, layers=3, batch_size=16, seq_len=64, horizon=16, train_ratio=256, bc_depth=32,
-                  bc_units=512, bc_steps=150_000, bc_batch=256, warmup_frames=15_000, warmup_episodes=5,
-                  eval_every=10_000, eval_episodes=10),
-}
-MAX_ACTION_DIM = 12
-ACTION_REPEAT = 2
-BC_FRAMES = 3  # stacked frames seen by the prior (release)
-
-
-def fail(message: str):
-    raise SystemExit(f"{SCRIPT}: error: {message}")
-
-
-def keep_freed_memory() -> bool:
-    """glibc only: serve large tensors from the heap and never give freed memory back. By default each large
-    allocation is a fresh mmap whose pages fault in zeroed on first touch; an update allocates gigabytes of
-    activations, and this setting makes it ~10% cheaper on CPU. Returns whether it took effect."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files: hashing, atomic writes, offline episodes
-# ----------------------------------------------------------------------------------------------------------
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename: readers never see a partial file. A failed write
-    removes its temporary file; a full disk is named as the cause."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            fail(f"No space left on device while writing {path}; free some space and resume with --resume")
-        raise
-
-
-def sweep_temporary_files(directory: Path) -> None:
-    """Remove `*.tmp-<pid>` files that write_atomic left behind in a process that no longer runs."""
-    for tmp in directory.rglob("*.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1].split(".")[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def pad_actions(action: np.ndarray) -> np.ndarray:
-    """[T, A] -> [T, 12] zero-padded (the world model's shared action space)."""
-    out = np.zeros((action.shape[0], MAX_ACTION_DIM), np.float32)
-    out[:, : action.shape[1]] = action
-    return out
-
-
-def load_offline_episode(data_dir: Path, row: dict, expected_sha: str) -> dict:
-    """One retrieved episode in replay format (reward zeros: the offline data has none), sha256-checked."""
-    path = data_dir / row["path"]
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        fail(f"cannot read retrieved episode {path}: {e}")
-    if sha256_bytes(raw) != expected_sha:
-        fail(f"episode file {path} is corrupt: its sha256 differs from {data_dir / 'manifest.json'}")
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-        if "image" not in z.files or "action" not in z.files:
-            fail(f"episode file {path} lacks 'image' or 'action' (keys: {z.files})")
-        image, action = z["image"], z["action"].astype(np.float32)
-        is_first = z["is_first"].astype(bool) if "is_first" in z.files else np.arange(len(image)) == 0
-    if (image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8 or action.ndim != 2
-            or len(action) != len(image) or action.shape[1] != row.get("action_dim", action.shape[1])
-            or action.shape[1] > MAX_ACTION_DIM):
-        fail(f"episode file {path} has unexpected shapes: image {image.shape} {image.dtype}, action {action.shape} "
-             f"(index says action dim {row.get('action_dim')})")
-    check_actions(action, path)
-    return {"image": image, "action": pad_actions(action), "reward": np.zeros(len(image), np.float32),
-            "is_first": is_first}
-
-
-def check_actions(action: np.ndarray, path: Path) -> None:
-    """Actions must be finite and in [-1, 1]: a bad value would otherwise surface hours later, unnamed."""
-    bad = ~np.isfinite(action) | (np.abs(action) > 1.0 + 1e-6)
-    if bad.any():
-        t, d = np.argwhere(bad)[0]
-        fail(f"episode file {path} has an action outside [-1, 1] or not finite: action[{t}, {d}] = {action[t, d]} "
-             f"({int(bad.sum())} such values); remove or re-collect that episode")
-
-
-class SequenceReplay:
-    """Episodes in memory; samples uniform random windows of seq_len steps (every valid start equally likely)."""
-
-    def __init__(self):
-        self.episodes: list[dict] = []
-        self.steps = 0  # agent steps stored (rows minus the first row of every episode)
-
-    def add(self, episode: dict) -> None:
-        n = len(episode["image"])
-        assert episode["image"].ndim == 4 and episode["image"].dtype == np.uint8, episode["image"].shape
-        assert episode["action"].shape == (n, MAX_ACTION_DIM) and episode["reward"].shape == (n,)
-        self.episodes.append(episode)
-        self.steps += n - 1
-
-    def __len__(self) -> int:
-        return len(self.episodes)
-
-    def sample(self, rng: np.random.Generator, batch: int, seq_len: int) -> dict:
-        lengths = np.array([len(e["image"]) for e in self.episodes])
-        starts = np.maximum(lengths - seq_len + 1, 0)
-        if starts.sum() == 0:
-            raise ValueError(f"no episode has {seq_len} steps")
-        cum = np.cumsum(starts)
-        flat = rng.integers(0, cum[-1], size=batch)
-        eps = np.searchsorted(cum, flat, side="right")
-        offs = flat - (cum[eps] - starts[eps])
-        batch_ = {key: np.stack([self.episodes[e][key][o:o + seq_len] for e, o in zip(eps, offs)])
-                  for key in ("image", "action", "reward", "is_first")}
-        # Every window starts a sequence (as in pre-training, the release and DreamerV3): the model filters it
-        # from a zero state, and the RSSM zeroes the action that led into its first frame.
-        batch_["is_first"][:, 0] = True
-        return batch_
-
-
-def replay_path(out_dir: Path, index: int) -> Path:
-    return out_dir / "replay" / f"ep-{index:06d}.npz"
-
-
-def save_episode(path: Path, episode: dict) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **episode)
-    write_atomic(path, buf.getvalue())
-
-
-def load_episode(path: Path) -> dict:
-    """An online episode of this run's replay (for --resume), checked like the offline ones."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            episode = {key: z[key] for key in ("image", "action", "reward", "is_first")}
-    except Exception as e:  # noqa: BLE001 - missing, truncated or not an npz
-        fail(f"replay episode {path} is missing or damaged ({type(e).__name__}: {e}); the run cannot resume "
-             f"exactly: start it again in a new --out-dir")
-    check_actions(episode["action"], path)
-    return episode
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Execution guidance (Sec. 3.3): schedule and window
-# ----------------------------------------------------------------------------------------------------------
-
-def guidance_schedule(args: Args, is_metaworld: bool) -> tuple[float, float, int]:
-    """(start p, end p, length in env frames) of the linear guidance schedule."""
-    if args.guidance_schedule == "paper":  # appendix J: linear(1, 0, 50k) DMC, linear(1, 0, 150k) Meta-World
-        start, end, frames = 1.0, 0.0, 150_000 if is_metaworld else 50_000
-    else:  # release: 1 -> 0.1 over 100k agent steps = 200k env frames at action repeat 2
-        start, end, frames = 1.0, 0.1, 100_000 * ACTION_REPEAT
-    start = start if args.guidance_start is None else args.guidance_start
-    end = end if args.guidance_end is None else args.guidance_end
-    frames = frames if args.guidance_frames is None else args.guidance_frames
-    return start, end, frames
-
-
-def guidance_probability(env_frames: int, start: float, end: float, frames: int) -> float:
-    """Linear schedule: start at 0 frames, end from `frames` on."""
-    frac = 1.0 if frames <= 0 else min(max(env_frames / frames, 0.0), 1.0)
-    return start + frac * (end - start)
-
-
-def guidance_window(length: int, rng: np.random.Generator, mode: str = "window") -> tuple[int, int]:
-    """(first step, number of steps) of pi_bc's window in an episode of `length` agent steps: the number of
-    steps is a random multiple (1..10) of length / 10; it starts uniformly in [0, length - steps], or at 0
-    for the JSRL-style variant."""
-    steps = int(round(int(rng.integers(1, 11)) * length / 10))
-    steps = min(max(steps, 1), length)
-    first = 0 if mode == "jsrl" else int(rng.integers(0, length - steps + 1))
-    return first, steps
-
-
-# ----------------------------------------------------------------------------------------------------------
-# DreamerV3 pieces: symlog, two-hot, lambda-returns, return normalisation, truncated normal
-# ----------------------------------------------------------------------------------------------------------
-
-def symlog(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.log1p(x.abs())
-
-
-def symexp(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.expm1(x.abs())
-
-
-def twohot_bins(device=None) -> torch.Tensor:
-    """255 bins evenly spaced in symlog space over [-20, 20] (DreamerV3)."""
-    return torch.linspace(-20.0, 20.0, 255, device=device)
-
-
-def twohot_encode(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """y [...] (already symlog'ed) -> weights [..., K] on the two nearest bins, linear interpolation."""
-    y = y.clamp(bins[0], bins[-1])
-    below = (torch.bucketize(y, bins, right=True) - 1).clamp(0, len(bins) - 1)
-    above = (below + 1).clamp(max=len(bins) - 1)
-    gap = bins[above] - bins[below]
-    w_above = torch.where(above > below, (y - bins[below]) / gap.clamp(min=1e-8), torch.zeros_like(y))
-    out = torch.zeros(*y.shape, len(bins), device=y.device, dtype=y.dtype)
-    out.scatter_add_(-1, below.unsqueeze(-1), (1.0 - w_above).unsqueeze(-1))
-    out.scatter_add_(-1, above.unsqueeze(-1), w_above.unsqueeze(-1))
-    return out
-
-
-def twohot_mean(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Expected value: softmax-weighted bins in symlog space, then symexp."""
-    return symexp((torch.softmax(logits, -1) * bins).sum(-1))
-
-
-def twohot_nll(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the two-hot encoding of symlog(target) under the predicted bins."""
-    return -(twohot_encode(symlog(target), bins) * torch.log_softmax(logits, -1)).sum(-1)
-
-
-def lambda_return(reward: torch.Tensor, value: torch.Tensor, discount: float, lam: float) -> torch.Tensor:
-    """Eq. 2: R_t = r_{t+1} + gamma * ((1 - lambda) * v_{t+1} + lambda * R_{t+1}), R_H = v_H.
-    reward [H, N] (reward[t] is predicted at imagined state t+1), value [H+1, N] -> returns [H, N]."""
-    out, ret = [], value[-1]
-    for t in reversed(range(reward.shape[0])):
-        ret = reward[t] + discount * ((1.0 - lam) * value[t + 1] + lam * ret)
-        out.append(ret)
-    return torch.stack(out[::-1])
-
-
-class ReturnNorm(nn.Module):
-    """DreamerV3 return normalisation: EMA of the 5th and 95th return percentiles; scale = max(1, P95 - P5)."""
-
-    def __init__(self, decay: float = 0.99, floor: float = 1.0, low: float = 0.05, high: float = 0.95):
-        super().__init__()
-        self.decay, self.floor = decay, floor
-        self.register_buffer("quantiles", torch.tensor([low, high]))
-        self.register_buffer("low", torch.zeros(()))
-        self.register_buffer("high", torch.zeros(()))
-
-    @torch.no_grad()
-    def update(self, returns: torch.Tensor) -> None:
-        lo, hi = torch.quantile(returns.detach().float().flatten(), self.quantiles)
-        self.low.mul_(self.decay).add_((1.0 - self.decay) * lo)
-        self.high.mul_(self.decay).add_((1.0 - self.decay) * hi)
-
-    def scale(self) -> torch.Tensor:
-        return torch.clamp(self.high - self.low, min=self.floor)
-
-
-def actor_sample(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """a ~ N(mean, std) clipped to [-1, 1] with a straight-through gradient (the release's policy): the forward
-    value is clipped, the backward pass is that of the unclipped reparameterised sample mean + std * eps. So
-    d a / d std = eps, whose mean is 0: a reward linear in the action gives the std no gradient, wherever the
-    mean is. (The exact inverse-CDF truncated normal that this replaces gets d E[a] / d std = -0.61 at mean 0.5,
-    std 0.5: it shrinks its own std whenever the mean is off-centre.)"""
-    x = mean + std * torch.randn_like(mean)
-    return x + (x.clamp(-1.0, 1.0) - x).detach()
-
-
-def actor_entropy(std: torch.Tensor) -> torch.Tensor:
-    """Entropy of N(mean, std) per dimension, in closed form (the release estimates it by -log N(sample))."""
-    return torch.log(std) + 0.5 * math.log(2.0 * math.pi * math.e)
-
-
-@contextlib.contextmanager
-def frozen(*modules: nn.Module):
-    """No parameter gradients for these modules inside the block (gradients still flow through them)."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Networks: reward head, critic, actor (DreamerV3), behaviour-cloning prior (appendix G.1)
-# ----------------------------------------------------------------------------------------------------------
-
-class MLP(nn.Module):
-    """`layers` x (Linear, LayerNorm, SiLU), then a linear output (zero-initialised for two-hot heads)."""
-
-    def __init__(self, inp: int, out: int, units: int, layers: int, zero_output: bool = False):
-        super().__init__()
-        mods, dim = [], inp
-        for _ in range(layers):
-            mods += [nn.Linear(dim, units, bias=False), nn.LayerNorm(units, eps=1e-3), nn.SiLU()]
-            dim = units
-        self.body = nn.Sequential(*mods)
-        self.out = nn.Linear(dim, out)
-        _trunc_normal_init(self)
-        if zero_output:  # DreamerV3: reward and critic start predicting exactly 0
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x)).float()  # fp32 outputs under bf16 autocast (two-hot, actor dist)
-
-
-class Actor(nn.Module):
-    """pi(a | s): truncated normal on [-1, 1]^12, mean tanh(.), std in [0.1, 1]; padded dims masked to 0."""
-
-    def __init__(self, feat_dim: int, units: int, layers: int, min_std: float = 0.1, max_std: float = 1.0):
-        super().__init__()
-        self.net = MLP(feat_dim, 2 * MAX_ACTION_DIM, units, layers)
-        self.min_std, self.max_std = min_std, max_std
-
-    def forward(self, feat: torch.Tensor):
-        mean, std = self.net(feat).chunk(2, -1)
-        return torch.tanh(mean), (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
-
-
-class BCPrior(nn.Module):
-    """pi_bc (the release's network): 3 stacked frames -> 4 convs (kernel 4, stride 2, no padding) with channels
-    [d, 2d, 4d, 8d], each with a channel LayerNorm and ELU -> 2 x (Linear, LayerNorm, ELU) -> a linear action
-    head (clipped to [-1, 1] when it acts, not when it learns)."""
-
-    def __init__(self, depth: int = 32, units: int = 512, image_size: int = 64):
-        super().__init__()
-        chans = [3 * BC_FRAMES, depth, 2 * depth, 4 * depth, 8 * depth]
-        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 4, 2) for i in range(4))
-        self.norms = nn.ModuleList(ChannelNorm(chans[i + 1], eps=1e-3) for i in range(4))
-        res = image_size
-        for _ in range(4):
-            res = (res - 4) // 2 + 1  # 64 -> 31 -> 14 -> 6 -> 2
-        self.mlp = nn.Sequential(nn.Linear(8 * depth * res * res, units), nn.LayerNorm(units), nn.ELU(),
-                                 nn.Linear(units, units), nn.LayerNorm(units), nn.ELU(),
-                                 nn.Linear(units, MAX_ACTION_DIM))
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames uint8 [N, 3, H, W, 3] (oldest first) -> action [N, 12] (unbounded)."""
-        x = frames.permute(0, 1, 4, 2, 3).reshape(frames.shape[0], -1, *frames.shape[2:4]).float() / 255.0 - 0.5
-        for conv, norm in zip(self.convs, self.norms):
-            x = F.elu(norm(conv(x)))
-        return self.mlp(x.flatten(1))
-
-
-def random_shift(x: torch.Tensor, rng: torch.Generator, pad: int = 3) -> torch.Tensor:
-    """DrQ augmentation: replicate-pad by `pad` and crop back at a random offset per sample. x [N, C, H, W]."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=rng, device="cpu").to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=rng, device="cpu").to(x.device)
-    rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, :, None]  # [N, H, 1]
-    cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, :]  # [N, 1, W]
-    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]  # [N, H, W, C]
-    return out.permute(0, 3, 1, 2)
-
-
-def bc_stack(episode: dict, t: int) -> np.ndarray:
-    """Frames t-2, t-1, t of an episode (the first frame repeated before the start): uint8 [3, H, W, 3]."""
-    idx = [max(t - i, 0) for i in reversed(range(BC_FRAMES))]
-    return episode["image"][idx]
-
-
-def bc_batch(episodes: list, pairs, device) -> tuple:
-    """(frames uint8 [N, 3, H, W, 3], target action [N, 12]) for (episode, t) pairs: frames up to t predict
-    action[t + 1], the action taken at image t."""
-    frames = torch.as_tensor(np.stack([bc_stack(episodes[e], t) for e, t in pairs]), device=device)
-    target = torch.as_tensor(np.stack([episodes[e]["action"][t + 1] for e, t in pairs]), device=device)
-    return frames, target
-
-
-def train_bc(prior: BCPrior, episodes: list, max_steps: int, batch: int, lr: float, action_dim: int,
-             rng: np.random.Generator, device: torch.device, log=print, check_every: int = 250,
-             patience: int = 4) -> dict:
-    """Behaviour cloning on D_r (Sec. 3.3): MSE on the task's action dims, random-shift augmentation. One in ten
-    episodes (at least one, if there are two) is held out; every `check_every` steps the held-out MSE is
-    measured, and training stops once it has not improved for `patience` checks (or at max_steps). The prior
-    keeps the weights of its best check. Returns {"train": [(step, mse)], "heldout": [(step, mse)], "best_step"}."""
-    opt = torch.optim.Adam(prior.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    order = rng.permutation(len(episodes))
-    n_held = len(episodes) // 10 if len(episodes) >= 20 else int(len(episodes) >= 2)
-    held, train = order[:n_held], order[n_held:]
-    lengths = np.array([len(e["image"]) - 1 for e in episodes])  # valid t: 0 .. T-1
-    mask = (torch.arange(MAX_ACTION_DIM, device=device) < action_dim).float()
-    held_pairs = [(int(e), int(t)) for e in held for t in range(0, lengths[e], max(1, lengths[e] // 25))]
-
-    def mse(pred, target):
-        return ((pred - target).square() * mask).sum(-1).mean() / action_dim
-
-    @torch.no_grad()
-    def heldout_mse():
-        prior.eval()
-        out = [mse(prior(f), y).item() * len(f) for f, y in
-               (bc_batch(episodes, held_pairs[i:i + 256], device) for i in range(0, len(held_pairs), 256))]
-        prior.train()
-        return sum(out) / len(held_pairs)
-
-    curve = {"train": [], "heldout": [], "best_step": 0}
-    best, best_state, since_best, t0 = float("inf"), None, 0, time.time()
-    for step in range(1, max_steps + 1):
-        eps = train[rng.integers(0, len(train), size=batch)]
-        pairs = list(zip(eps, (rng.random(batch) * lengths[eps]).astype(np.int64)))
-        frames, target = bc_batch(episodes, pairs, device)
-        n, f, h, w, c = frames.shape
-        x = random_shift(frames.permute(0, 1, 4, 2, 3).reshape(n, f * c, h, w).float(), gen)
-        x = x.reshape(n, f, c, h, w).permute(0, 1, 3, 4, 2).round().clamp(0, 255).to(torch.uint8)
-        loss = mse(prior(x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % check_every and step != max_steps:
-            continue
-        curve["train"].append((step, loss.item()))
-        if not held_pairs:
-            continue
-        curve["heldout"].append((step, heldout_mse()))
-        if curve["heldout"][-1][1] < best:
-            best, since_best, curve["best_step"] = curve["heldout"][-1][1], 0, step
-            best_state = copy.deepcopy(prior.state_dict())
-        else:
-            since_best += 1
-        log(f"[bc] step {step}/{max_steps} train mse {loss.item():.4f} held-out mse {curve['heldout'][-1][1]:.4f} "
-            f"(best {best:.4f} at {curve['best_step']}; {time.time() - t0:.0f}s)")
-        if since_best >= patience:
-            break
-    if best_state is not None:
-        prior.load_state_dict(best_state)
-    return curve
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The agent: world model + reward head + actor-critic, one update = world model, actor, critic
-# ----------------------------------------------------------------------------------------------------------
-
-class Agent(nn.Module):
-    """World model, reward head and actor-critic. Hyperparameters are plain arguments (Sec. 3.3, appendix J)."""
-
-    def __init__(self, cfg: ModelConfig, action_dim: int, *, units: int, layers: int, horizon: int,
-                 discount: float = 0.99, return_lambda: float = 0.95, entropy_scale: float = 1e-4,
-                 wm_lr: float = 1e-4, actor_lr: float = 8e-5, critic_lr: float = 8e-5,
-                 kl: tuple = (1.0, 0.1, 1.0), precision: str = "auto"):
-        super().__init__()
-        self.cfg, self.action_dim, self.horizon = cfg, action_dim, horizon  # horizon: imagined steps per start
-        self.discount, self.lam, self.entropy_scale = discount, return_lambda, entropy_scale
-        self.kl, self.precision = tuple(kl), precision  # kl: beta_dyn, beta_rep, free nats (pre-training's)
-        self.wm = WorldModel(cfg)
-        feat_dim = cfg.deter + cfg.stoch * cfg.classes
-        self.reward = MLP(feat_dim, 255, units, layers, zero_output=True)
-        self.critic = MLP(feat_dim, 255, units, layers, zero_output=True)
-        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor = Actor(feat_dim, units, layers)
-        self.return_norm = ReturnNorm()
-        self.register_buffer("bins", twohot_bins())
-        self.register_buffer("act_mask", (torch.arange(MAX_ACTION_DIM) < action_dim).float())
-        # World model and reward head share one optimiser (the reward loss also shapes the representation).
-        self.wm_params = list(self.wm.parameters()) + list(self.reward.parameters())
-        self.wm_opt = torch.optim.Adam(self.wm_params, lr=wm_lr, eps=1e-5, weight_decay=1e-6)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=actor_lr, eps=1e-5)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic_lr, eps=1e-5)
-
-    def autocast(self):
-        """bf16 autocast for the forward passes of an update (--precision); backward runs outside it."""
-        device = self.bins.device.type
-        if self.precision == "bf16" or (self.precision == "auto" and device == "cuda"):
-            return torch.autocast(device, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def optimizers(self) -> dict:
-        return {"wm": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
-
-    def imagine(self, start: dict, horizon: int):
-        """Roll the prior from posterior start states with the actor. The actor sees detached features;
-        its actions keep their graph, so returns backpropagate through the learned dynamics into the actor.
-        Returns feats [H+1, N, F] and the actor's entropy [H, N] (task action dims only)."""
-        rssm, state = self.wm.rssm, start
-        feats, ents = [rssm.get_feat(state)], []
-        for _ in range(horizon):
-            mean, std = self.actor(feats[-1].detach())
-            action = actor_sample(mean, std) * self.act_mask
-            ents.append((actor_entropy(std) * self.act_mask).sum(-1))
-            state = rssm.img_step(state, action)
-            feats.append(rssm.get_feat(state))
-        return torch.stack(feats), torch.stack(ents)
-
-    def world_model_loss(self, batch: dict):
-        """Eq. 1 on online and rehearsal rows plus the reward head's two-hot loss on online rows only (D_r
-        has no reward). -> (world-model loss, reward loss, metrics, posterior states [B, T, ...])."""
-        B, T = batch["action"].shape[:2]
-        dyn_scale, rep_scale, free = self.kl
-        wm_loss, wm_metrics, post = self.wm.loss(batch["image"], batch["action"], batch["is_first"], dyn_scale,
-                                                 rep_scale, free)
-        reward_nll = twohot_nll(self.reward(self.wm.rssm.get_feat(post)), batch["reward"], self.bins)  # [B, T]
-        mask = batch["online"].to(reward_nll.dtype)[:, None].expand(B, T)
-        reward_loss = (reward_nll * mask).sum() / mask.sum().clamp(min=1.0)
-        return wm_loss, reward_loss, wm_metrics, post
-
-    def behavior_loss(self, start: dict, start_online: Optional[torch.Tensor] = None):
-        """Actor (Eq. 3) and critic losses on one imagined batch from the start states [N, ...].
-
-        Returns are Eq. 2's lambda-returns bootstrapped from the slow critic (the release's choice): the
-        critic regresses them, the actor maximises them through the dynamics, normalised by DreamerV3's
-        percentile scale. DreamerV3 bootstraps from the fast critic and adds a regulariser toward the slow one;
-        under a constant reward that version's value stays further below its target (tests/test_finetune.py).
-        The critic runs once on the imagined features; the actor's gradient goes through it, the reward head
-        and the dynamics (all frozen here), the critic's only into its own weights."""
-        feats, ent = self.imagine(start, self.horizon)
-        # Heads on all H+1 states and slice their outputs: slicing the features instead would make the
-        # backward pass zero-fill and copy a feature-sized gradient buffer.
-        reward = twohot_mean(self.reward(feats), self.bins)[1:]  # [H, N]: reward[t] at state t+1
-        bootstrap = twohot_mean(self.slow_critic(feats), self.bins)  # [H+1, N]; weights frozen, features not
-        ret = lambda_return(reward, bootstrap, self.discount, self.lam)  # [H, N]
-        self.return_norm.update(ret)
-        scale = self.return_norm.scale()
-        weight = self.discount ** torch.arange(self.horizon, device=ret.device, dtype=ret.dtype)[:, None]
-        actor_loss = -(weight * ret).mean() / scale - self.entropy_scale * (weight * ent).mean()
-        logits = self.critic(feats[:-1])
-        critic_loss = (weight * twohot_nll(logits, ret.detach(), self.bins)).mean()
-        with torch.no_grad():
-            value = twohot_mean(logits, self.bins)
-        metrics = {"entropy": ent.mean(), "return_scale": scale, "return_mean": ret.mean(),
-                   "imag_reward": reward.mean(), "value": value.mean()}
-        if start_online is not None and start_online.any() and not start_online.all():
-            # Where imagination's reward comes from: starts in online rows against starts in D_r rows.
-            on = start_online.to(reward.dtype)
-            for name, w in (("online", on), ("offline", 1.0 - on)):
-                metrics[f"imag_reward_{name}_starts"] = (reward.detach() * w).sum() / (w.sum() * reward.shape[0])
-        return actor_loss, critic_loss, metrics
-
-    def update(self, batch: dict) -> dict:
-        """One update on a batch (tensors): image uint8 [B, T, H, W, 3], action [B, T, 12], is_first [B, T],
-        reward [B, T], online bool [B] (False for rehearsal rows, which have no reward).
-
-        All three losses are computed with the weights as they are at the start (as DreamerV3 does), then every
-        gradient norm is checked, and only then do the optimisers step: a non-finite loss or gradient raises
-        FloatingPointError before any weight changes. Returns a dict of python floats."""
-        B, T = batch["action"].shape[:2]
-        t0 = time.perf_counter()
-        with self.autocast():
-            wm_loss, reward_loss, wm_metrics, post = self.world_model_loss(batch)
-        for opt in self.optimizers().values():
-            opt.zero_grad(set_to_none=True)
-        (wm_loss + reward_loss).backward()
-        t1 = time.perf_counter()
-        start = {key: value.detach().reshape(B * T, *value.shape[2:]) for key, value in post.items()}
-        del post
-        actor_params, critic_params = list(self.actor.parameters()), list(self.critic.parameters())
-        with frozen(self.wm, self.reward):
-            with self.autocast():
-                online = batch["online"][:, None].expand(B, T).reshape(B * T)
-                actor_loss, critic_loss, ac_metrics = self.behavior_loss(start, online)
-            actor_loss.backward(inputs=actor_params, retain_graph=True)
-            critic_loss.backward(inputs=critic_params)
-        norms = {"wm_grad_norm": nn.utils.clip_grad_norm_(self.wm_params, 100.0),
-                 "actor_grad_norm": nn.utils.clip_grad_norm_(actor_params, 100.0),
-                 "critic_grad_norm": nn.utils.clip_grad_norm_(critic_params, 100.0)}
-        losses = {"wm_loss": wm_loss, "reward_loss": reward_loss, "actor_loss": actor_loss,
-                  "critic_loss": critic_loss}
-        checked = {**losses, **norms}
-        numbers = torch.stack([v.detach().float().reshape(()) for v in checked.values()]).tolist()  # one sync
-        bad = [f"{name}={x}" for name, x in zip(checked, numbers) if not math.isfinite(x)]
-        if bad:
-            raise FloatingPointError(f"non-finite {', '.join(bad)}")
-        for opt in self.optimizers().values():
-            opt.step()
-        with torch.no_grad():  # slow critic: EMA with fraction 0.02 per update
-            for p_slow, p in zip(self.slow_critic.parameters(), self.critic.parameters()):
-                p_slow.lerp_(p, 0.02)
-        t2 = time.perf_counter()
-        rest = {**ac_metrics, **{f"wm/{k}": v for k, v in wm_metrics.items()}}
-        metrics = dict(zip(checked, numbers))
-        metrics.update(zip(rest, torch.stack([v.detach().float().reshape(()) for v in rest.values()]).tolist()))
-        metrics["time_wm"], metrics["time_actor_critic"] = t1 - t0, t2 - t1
-        return metrics
-
-    @torch.no_grad()
-    def diverged(self) -> list:
-        """Names of the parts whose weights are no longer finite (huge learning rates can get there with finite
-        losses and gradients)."""
-        parts = {"world model": self.wm, "reward head": self.reward, "actor": self.actor, "critic": self.critic}
-        return [name for name, m in parts.items() if not all(bool(p.isfinite().all()) for p in m.parameters())]
-
-    @torch.no_grad()
-    def first_value(self, image: np.ndarray) -> float:
-        """The critic's value of an episode's first frame (to set beside the discounted return it earned)."""
-        device = self.bins.device
-        embed = self.wm.encoder(torch.as_tensor(image, device=device)[None])
-        post, _ = self.wm.rssm.obs_step(self.wm.rssm.initial(1), torch.zeros(1, MAX_ACTION_DIM, device=device),
-                                        embed, torch.ones(1, dtype=torch.bool, device=device))
-        return float(twohot_mean(self.critic(self.wm.rssm.get_feat(post)), self.bins)[0])
-
-    @torch.no_grad()
-    def act(self, state: Optional[dict], prev_action: torch.Tensor, image: np.ndarray, mode: bool):
-        """Filter one observation and pick an action. state None = episode start. -> (action [12], state)."""
-        device = self.bins.device
-        embed = self.wm.encoder(torch.as_tensor(image, device=device)[None])
-        is_first = torch.tensor([state is None], device=device)
-        if state is None:
-            state = self.wm.rssm.initial(1)
-        post, _ = self.wm.rssm.obs_step(state, prev_action[None], embed, is_first)
-        mean, std = self.actor(self.wm.rssm.get_feat(post))
-        action = mean if mode else actor_sample(mean, std)
-        return (action * self.act_mask)[0], post
-
-
-def to_batch(online: dict, offline: Optional[dict], device) -> dict:
-    """Numpy sequences [B_on, T, ...] (+ rehearsal [B_off, T, ...]) -> update() batch on the device."""
-    parts = [online] + ([offline] if offline is not None else [])
-    batch = {key: torch.as_tensor(np.concatenate([p[key] for p in parts]), device=device)
-             for key in ("image", "action", "reward", "is_first")}
-    n_on = len(online["image"])
-    batch["online"] = torch.arange(len(batch["image"]), device=device) < n_on
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints and upstream artefacts
-# ----------------------------------------------------------------------------------------------------------
-
-def resolve_size(args: Args, wm_ckpt: Optional[dict]) -> str:
-    if args.size is not None:
-        return args.size
-    if wm_ckpt is None:
-        return "xs"
-    size = (wm_ckpt.get("args") or {}).get("size")
-    if size not in SIZES:
-        fail(f"cannot tell the checkpoint's size ({size!r}); pass --size")
-    return size
-
-
-def model_config_for(size: str) -> ModelConfig:
-    fields = set(ModelConfig.__dataclass_fields__)
-    return ModelConfig(**{k: v for k, v in SIZES[size].items() if k in fields})
-
-
-def load_wm_checkpoint(path: Path) -> tuple[dict, str]:
-    if not path.is_file():
-        fail(f"checkpoint {path} not found (train one with pretrain_wm.py, or pass --no-pretrain)")
-    sha = sha256_file(path)
-    ckpt = load_torch_file(path, "the world-model checkpoint", "re-run pretrain_wm.py, or pass --no-pretrain")
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != 1 or "model_config" not in ckpt:
-        fail(f"{path} is not a pretrain_wm.py checkpoint of format version 1 "
-             f"(format_version={ckpt.get('format_version') if isinstance(ckpt, dict) else None})")
-    return ckpt, sha
-
-
-def load_torch_file(path: Path, what: str, remedy: str) -> dict:
-    """torch.load with weights_only=True (a shared file cannot run code); a damaged file is named, with a remedy."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, random bytes, pickled code: all are a damaged file here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"{path} ({what}) is damaged or not a checkpoint of this project ({type(e).__name__}: {first[:200]}); "
-             f"{remedy}")
-    if not isinstance(obj, dict):
-        fail(f"{path} ({what}) does not hold a checkpoint dict; {remedy}")
-    return obj
-
-
-def check_model_config(ckpt: dict, size: str, path: Path) -> ModelConfig:
-    want = asdict(model_config_for(size))
-    got = dict(ckpt["model_config"])
-    if got != want:
-        diff = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)}
-        fail(f"checkpoint {path} holds a world model of another size than --size {size}: "
-             + ", ".join(f"{k}: checkpoint {a} vs {size} {b}" for k, (a, b) in diff.items()))
-    return ModelConfig(**got)
-
-
-def load_index(index_dir: Path, checkpoint_sha: str, checkpoint: Path):
-    meta_path, faiss_path = index_dir / "index.json", index_dir / "index.faiss"
-    if not meta_path.is_file() or not faiss_path.is_file():
-        fail(f"no retrieval index in {index_dir} (expected index.faiss and index.json; build one with "
-             f"`python retrieval.py build`, or pass --no-rehearsal --no-guidance)")
-    rebuild = f"rebuild the index with `python retrieval.py build --checkpoint {checkpoint} --overwrite`"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"{meta_path} is damaged ({e}); {rebuild}")
-    if not isinstance(meta, dict) or not isinstance(meta.get("rows"), list):
-        fail(f"{meta_path} is not a retrieval index sidecar (no 'rows' list); {rebuild}")
-    if meta.get("format_version") != 1:
-        fail(f"{meta_path} has format_version {meta.get('format_version')}, expected 1")
-    if meta.get("checkpoint_sha256") != checkpoint_sha:
-        fail(f"the index in {index_dir} was built with another encoder (checkpoint sha256 "
-             f"{str(meta.get('checkpoint_sha256'))[:16]}...) than {checkpoint} ({checkpoint_sha[:16]}...); "
-             f"rebuild it with `python retrieval.py build --checkpoint {checkpoint}`")
-    try:
-        index = faiss.read_index(str(faiss_path))
-    except Exception as e:  # noqa: BLE001 - faiss raises RuntimeError with its C++ message
-        fail(f"{faiss_path} is damaged ({str(e).strip().splitlines()[0][:200]}); {rebuild}")
-    if index.ntotal != len(meta["rows"]):
-        fail(f"{faiss_path} holds {index.ntotal} vectors but {meta_path} lists {len(meta['rows'])} episodes; {rebuild}")
-    return index, meta
-
-
-def load_manifest(data_dir: Path, expected_sha: str) -> dict:
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        fail(f"no manifest.json in {data_dir} (the offline data the index was built over)")
-    raw = path.read_bytes()
-    if sha256_bytes(raw) != expected_sha:
-        fail(f"{path} differs from the manifest the index was built over (sha256 mismatch)")
-    return json.loads(raw)  # its sha256 matches the one recorded at build time, so it parsed then
-
-
-def rng_state(np_rng: np.random.Generator) -> dict:
-    state = {"numpy": json.dumps(np_rng.bit_generator.state), "python": json.dumps(random.getstate()),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, np_rng: np.random.Generator) -> None:
-    np_rng.bit_generator.state = json.loads(state["numpy"])
-    version, internal, gauss = json.loads(state["python"])
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, agent: Agent, prior: Optional[BCPrior], bc_opt_done: bool, counters: dict,
-                    np_rng: np.random.Generator, args: Args, extra: dict) -> None:
-    ckpt = {"format_version": FORMAT_VERSION, "script": SCRIPT, "args": asdict(args),
-            "model_config": asdict(agent.cfg), "model": agent.wm.state_dict(),
-            "reward": agent.reward.state_dict(), "actor": agent.actor.state_dict(),
-            "critic": agent.critic.state_dict(), "slow_critic": agent.slow_critic.state_dict(),
-            "return_norm": agent.return_norm.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in agent.optimizers().items()},
-            "bc_prior": prior.state_dict() if prior is not None else None, "bc_done": bc_opt_done,
-            "counters": dict(counters), "rng": rng_state(np_rng), **extra}
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    write_atomic(path, buf.getvalue())
-
-
-def read_log_lines(path: Path) -> list:
-    """The JSON lines of a log. A torn last line (a kill mid-write) is dropped; a bad line before it is an error."""
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                print(f"[finetune] {path}: dropped a torn last line")
-                return lines[:-1]
-            fail(f"{path} line {i + 1} is not JSON; the log is damaged (remove that line to resume)")
-    return lines
-
-
-def write_video(path: Path, frames: list) -> None:
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    imageio.mimwrite(tmp, np.stack(frames), fps=30, macro_block_size=16)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Acting in the environment
-# ----------------------------------------------------------------------------------------------------------
-
-class PriorActor:
-    """Runs pi_bc on the last 3 frames of the current episode."""
-
-    def __init__(self, prior: BCPrior, device):
-        self.prior, self.device, self.frames = prior, device, deque(maxlen=BC_FRAMES)
-
-    def reset(self, image):
-        self.frames.clear()
-        self.frames.extend([image] * BC_FRAMES)
-
-    def observe(self, image):
-        self.frames.append(image)
-
-    @torch.no_grad()
-    def act(self) -> torch.Tensor:
-        return self.prior(torch.as_tensor(np.stack(self.frames), device=self.device)[None])[0].clamp(-1.0, 1.0)
-
-
-def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mode: bool = False,
-                prior: Optional[PriorActor] = None, prior_window: tuple = (0, 0), random_actions: bool = False,
-                record: bool = False):
-    """One episode. Step t uses pi_bc if prior_window[0] <= t < sum(prior_window), else random actions (warm-up
-    without guidance) or the RL policy (its mode with mode=True). When the RL policy acts anywhere in the episode
-    it filters every observation, so its state is right when it takes over.
-    Returns (episode dict in replay format, (stats, the frames if record else None))."""
-    device, A = agent.bins.device, env.action_dim
-    image = env.reset()
-    images, actions, episode_rewards = [image], [np.zeros(MAX_ACTION_DIM, np.float32)], [0.0]
-    state, prev = None, torch.zeros(MAX_ACTION_DIM, device=device)
-    if prior is not None:
-        prior.reset(image)
-    successes, prior_steps, done, t = [], 0, False, 0
-    # The RL policy's state is only needed if the policy acts at some step of this episode.
-    uses_policy = not random_actions and not (prior is not None and prior_window[0] == 0
-                                              and prior_window[1] >= max_steps)
-    while not done and t < max_steps:
-        action = None
-        if uses_policy:
-            action, state = agent.act(state, prev, image, mode)
-        if prior is not None and prior_window[0] <= t < prior_window[0] + prior_window[1]:
-            action, prior_steps = prior.act() * agent.act_mask, prior_steps + 1
-        elif random_actions:
-            action = torch.as_tensor(np.pad(rng.uniform(-1, 1, A), (0, MAX_ACTION_DIM - A)).astype(np.float32),
-                                     device=device)
-        a = action.cpu().numpy().astype(np.float32)
-        image, reward, done, info = env.step(a[:A])  # only the task's own dims reach the env
-        if prior is not None:
-            prior.observe(image)
-        images.append(image)
-        actions.append(a)
-        episode_rewards.append(reward)
-        successes.append(bool(info.get("success", False)))
-        prev, t = action, t + 1
-    episode = {"image": np.stack(images), "action": np.stack(actions).astype(np.float32),
-               "reward": np.asarray(episode_rewards, np.float32), "is_first": np.arange(len(images)) == 0}
-    discounts = agent.discount ** np.arange(len(episode_rewards) - 1)
-    stats = {"return": float(np.sum(episode_rewards)), "length": t,
-             "return_discounted": float(np.sum(discounts * np.asarray(episode_rewards[1:]))),
-             "value_first": agent.first_value(images[0]),
-             "success": bool(successes[-1]) if successes else False, "success_any": any(successes),
-             "prior_steps": prior_steps}
-    return episode, (stats, images if record else None)
-
-
-def evaluate(env, agent: Agent, episodes: int, max_steps: int, rng) -> tuple[dict, list]:
-    stats, video = [], None
-    for i in range(episodes):
-        _, (s, frames) = run_episode(env, agent, rng, max_steps, mode=True, record=(i == 0))
-        stats.append(s)
-        video = frames if i == 0 else video
-    out = {"eval_return": float(np.mean([s["return"] for s in stats])),
-           "eval_return_discounted": float(np.mean([s["return_discounted"] for s in stats])),
-           "eval_value_first": float(np.mean([s["value_first"] for s in stats]))}
-    if env.is_metaworld:
-        out["eval_success"] = float(np.mean([s["success"] for s in stats]))
-        out["eval_success_any"] = float(np.mean([s["success_any"] for s in stats]))
-    return out, video
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Main: Algorithm 1
-# ----------------------------------------------------------------------------------------------------------
-
-def variant_name(args: Args) -> str:
-    """The ablation's name, as report.py groups runs (tests keep the two in agreement)."""
-    if args.no_pretrain:
-        return "no-pretrain"  # DreamerV3 from scratch
-    if args.no_rehearsal and args.no_guidance:
-        return "pretrain-only"  # pre-trained world model, naive fine-tuning
-    if args.no_guidance:
-        return "no-guidance"
-    jsrl = args.guidance == "jsrl"
-    if args.no_rehearsal:
-        return "no-rehearsal" + ("-jsrl" if jsrl else "")
-    return "jsrl" if jsrl else "gsa"
-
-
-def main(args: Args) -> None:
-    wall0 = time.time()
-    if args.task not in TASK_NAMES:
-        fail(f"unknown task {args.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
-    check_ranges(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    use_guidance = not (args.no_pretrain or args.no_guidance)
-    use_rehearsal = not (args.no_pretrain or args.no_rehearsal) and args.offline_ratio > 0
-    need_retrieval = use_guidance or use_rehearsal
-    out_dir = Path(args.out_dir or f"runs/finetune/{args.task}-{variant_name(args)}-s{args.seed}")
-    ckpt_path = out_dir / "ckpt.pt"
-    resume_ckpt = None
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out-dir {out_dir} is not a directory")
-    if args.resume:
-        if ckpt_path.is_file():
-            resume_ckpt = load_torch_file(ckpt_path, "the run's checkpoint",
-                                          "start the run again in a new --out-dir (or restore ckpt.pt from a backup)")
-            if resume_ckpt.get("format_version") != FORMAT_VERSION or resume_ckpt.get("script") != SCRIPT:
-                fail(f"{ckpt_path} is not a {SCRIPT} checkpoint of format version {FORMAT_VERSION}")
-            saved = dict(resume_ckpt["args"])
-            ignore = {"resume", "env_steps", "threads", "device", "precision", "out_dir", "eval_every",
-                      "eval_episodes", "checkpoint_every", "video"}
-            diff = [k for k in asdict(args) if k not in ignore and saved.get(k) != getattr(args, k)]
-            if diff:
-                fail(f"--resume with settings that differ from the run in {out_dir}: "
-                     + ", ".join(f"{k} ({saved.get(k)!r} there, {getattr(args, k)!r} now)" for k in diff))
-        else:
-            print(f"[finetune] --resume: no checkpoint in {out_dir}; starting a fresh run there")
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        fail(f"{out_dir} exists and is not empty; pass --resume to continue that run or choose another --out-dir")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
-
-    # Upstream artefacts first, so a bad input fails before anything is written.
-    wm_ckpt, wm_sha = (None, None) if args.no_pretrain else load_wm_checkpoint(Path(args.checkpoint))
-    size = resolve_size(args, wm_ckpt)
-    cfg = model_config_for(size) if args.no_pretrain else check_model_config(wm_ckpt, size, Path(args.checkpoint))
-    index = meta = manifest = None
-    if need_retrieval:
-        index, meta = load_index(Path(args.index_dir), wm_sha, Path(args.checkpoint))
-        manifest = load_manifest(Path(args.data_dir), meta.get("manifest_sha256"))
-    preset = dict(AGENT_SIZES[size])
-    overrides = {"batch_size": args.batch_size, "seq_len": args.seq_len, "horizon": args.horizon,
-                 "train_ratio": args.train_ratio, "warmup_frames": args.warmup_frames, "bc_steps": args.bc_steps,
-                 "eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
-    preset.update({key: value for key, value in overrides.items() if value is not None})
-    B, L, H = preset["batch_size"], preset["seq_len"], preset["horizon"]
-    b_off = int(round(B * args.offline_ratio)) if use_rehearsal else 0
-    b_on = B - b_off
-    if b_on < 1:
-        fail(f"batch {B} with --offline-ratio {args.offline_ratio} leaves no online rows")
-
-    def log(msg):
-        print(msg, flush=True)
-
-    # Seeding. The train env is seeded by the seed and (on resume) the episode count: simulator state cannot
-    # be checkpointed, so a resumed run's later episodes differ from an uninterrupted run's.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    np_rng = np.random.default_rng(args.seed)
-    counters = {"env_frames": 0, "agent_steps": 0, "episodes": 0, "updates": 0, "evals": 0, "wall_time": 0.0,
-                "last_ckpt_frames": 0, "train_origin": -1}  # train_origin: agent steps when training began
-    if resume_ckpt is not None:
-        counters.update(resume_ckpt["counters"])
-    env = make_env(args.task, seed=args.seed + 1000 * counters["episodes"])
-    eval_env = None
-    A = env.action_dim
-    max_steps = env.max_steps if args.max_episode_steps is None else min(env.max_steps, args.max_episode_steps)
-    episode_frames = max_steps * ACTION_REPEAT
-
-    # Agent: the pretrained world model, whole (Sec. 3.3).
-    kl = (1.0, 0.1, 1.0)  # beta_dyn, beta_rep, free nats: pre-training's own (from its args when pretrained)
-    if wm_ckpt is not None:
-        pre = wm_ckpt.get("args") or {}
-        kl = (pre.get("dyn_scale", 1.0), pre.get("rep_scale", 0.1), pre.get("free_nats", 1.0))
-    agent = Agent(cfg, A, units=preset["units"], layers=preset["layers"], horizon=H, discount=args.discount,
-                  return_lambda=args.return_lambda, entropy_scale=args.entropy_scale, wm_lr=args.wm_lr,
-                  actor_lr=args.actor_lr, critic_lr=args.critic_lr, kl=kl, precision=args.precision).to(device)
-    if wm_ckpt is not None:
-        agent.wm.load_state_dict(wm_ckpt["model"], strict=True)
-    n_wm = sum(p.numel() for p in agent.wm.parameters())
-    n_ac = sum(p.numel() for m in (agent.actor, agent.critic, agent.reward) for p in m.parameters())
-    log(f"[finetune] {args.task} ({env.embodiment}, {A} action dims), size {size}, variant {variant_name(args)}, "
-        f"world model {n_wm / 1e6:.2f}M params, heads {n_ac / 1e6:.2f}M, device {device}, "
-        f"{'bf16 autocast' if isinstance(agent.autocast(), torch.autocast) else 'fp32'}, out {out_dir}")
-
-    # 1. Retrieval (Eq. 4): the k offline episodes nearest to the task's reset frames, same action dim.
-    offline = SequenceReplay() if need_retrieval else None
-    retrieved = []
-    if need_retrieval:
-        if resume_ckpt is not None:
-            retrieved = [tuple(r) for r in resume_ckpt["retrieved"]]
-            rows = {r["path"]: r for r in meta["rows"]}
-            missing = [p for p, _ in retrieved if p not in rows]
-            if missing:
-                fail(f"the index in {args.index_dir} changed since this run started: {missing[0]} is gone")
-            pairs = [(rows[p], d) for p, d in retrieved]
-        else:
-            frames = render_reset_frames(args.task, args.query_resets, args.seed)
-            with torch.no_grad():
-                query = agent.wm.encoder(torch.as_tensor(frames, device=device)).float().cpu().numpy()
-            t_r = time.time()
-            pairs = retrieve(index, meta, query, args.k, action_dim=A)
-            log(f"[retrieval] {len(pairs)} episodes in {time.time() - t_r:.2f}s (k={args.k}, action dim {A})")
-            retrieved = [(row["path"], dist) for row, dist in pairs]
-        if not pairs:
-            fail(f"the index in {args.index_dir} has no episode with action dim {A} for {args.task}; "
-                 f"collect data for {env.embodiment} or pass --no-rehearsal --no-guidance")
-        shas = {ep["path"]: ep["sha256"] for ep in manifest["episodes"]}
-        for row, _ in pairs:
-            if row["path"] not in shas:
-                fail(f"retrieved episode {row['path']} is not in {args.data_dir}/manifest.json")
-            offline.add(load_offline_episode(Path(args.data_dir), row, shas[row["path"]]))
-        by_emb = Counter(row["embodiment"] for row, _ in pairs)
-        by_task = Counter(f"{row['embodiment']}/{row.get('task')}" for row, _ in pairs)
-        log(f"[retrieval] D_r: {len(offline)} episodes, {offline.steps} steps; by embodiment {dict(by_emb)}; "
-            f"by source task {dict(by_task.most_common(10))}")
-        if use_rehearsal and all(len(e["image"]) < L for e in offline.episodes):
-            fail(f"no retrieved episode has {L} steps (--seq-len)")
-
-    # Run directory and logging (only now: every input has been checked).
-    if out_dir.is_dir():
-        sweep_temporary_files(out_dir)
-    (out_dir / "replay").mkdir(parents=True, exist_ok=True)
-    (out_dir / "videos").mkdir(exist_ok=True)
-    write_json_atomic(out_dir / "args.json", {**asdict(args), "resolved_size": size, "resolved": preset,
-                                              "device": str(device)})
-    writer = SummaryWriter(str(out_dir / "tb"))
-    if need_retrieval:
-        writer.add_text("retrieval", f"D_r: {len(offline)} episodes; by embodiment {dict(by_emb)}; "
-                                     f"by source task {dict(by_task)}")
-    if need_retrieval and resume_ckpt is None:
-        write_json_atomic(out_dir / "retrieval.json", {
-            "k": args.k, "action_dim": A, "by_embodiment": dict(by_emb), "by_source_task": dict(by_task),
-            "episodes": [{"path": row["path"], "embodiment": row["embodiment"], "task": row.get("task"),
-                          "distance": dist} for row, dist in pairs]})
-
-    # 2. Prior pi_bc: behaviour cloning on D_r.
-    prior = None
-    if use_guidance:
-        prior = BCPrior(preset["bc_depth"], preset["bc_units"]).to(device)
-        if resume_ckpt is not None and resume_ckpt.get("bc_done"):
-            prior.load_state_dict(resume_ckpt["bc_prior"])
-        else:
-            t_bc = time.time()
-            curve = train_bc(prior, offline.episodes, preset["bc_steps"], preset["bc_batch"], args.bc_lr, A,
-                             np_rng, device, log)
-            for step, value in curve["heldout"]:
-                writer.add_scalar("bc/heldout_mse", value, step)
-            write_json_atomic(out_dir / "bc.json", {**curve, "seconds": time.time() - t_bc})
-            log(f"[bc] done in {time.time() - t_bc:.0f}s; kept the weights of step {curve['best_step']}")
-        prior.eval()
-    g_start, g_end, g_frames = guidance_schedule(args, env.is_metaworld)
-
-    # Restore the rest of a resumed run; the online replay is reread from the episode files.
-    online = SequenceReplay()
-    if resume_ckpt is not None:
-        agent.wm.load_state_dict(resume_ckpt["model"])
-        for name in ("reward", "actor", "critic", "slow_critic", "return_norm"):
-            getattr(agent, name).load_state_dict(resume_ckpt[name])
-        for name, opt in agent.optimizers().items():
-            opt.load_state_dict(resume_ckpt["optimizers"][name])
-        set_rng_state(resume_ckpt["rng"], np_rng)
-        for i in range(counters["episodes"]):
-            online.add(load_episode(replay_path(out_dir, i)))
-        log(f"[finetune] resumed at {counters['env_frames']} frames, {counters['episodes']} episodes, "
-            f"{counters['updates']} updates")
-    del wm_ckpt, resume_ckpt
-
-    def checkpoint():
-        counters["wall_time"] = counters_wall()
-        counters["last_ckpt_frames"] = counters["env_frames"]
-        save_checkpoint(ckpt_path, agent, prior, use_guidance, counters, np_rng, args,
-                        {"size": size, "task": args.task, "retrieved": [list(r) for r in retrieved],
-                         "guidance": {"start": g_start, "end": g_end, "frames": g_frames}})
-
-    wall_offset = counters["wall_time"]
-
-    def counters_wall():
-        return wall_offset + time.time() - wall0
-
-    if counters["episodes"] == 0:
-        checkpoint()  # the prior is kept, so a resume does not clone it again
-
-    warmup_total = max(preset["warmup_frames"], preset["warmup_episodes"] * episode_frames)
-    log(f"[finetune] batch {b_on}+{b_off} x {L}, horizon {H}, train ratio {preset['train_ratio']} "
-        f"({preset['train_ratio'] / (B * L):.4f} updates per agent step), warm-up {warmup_total} frames, "
-        f"guidance {'off' if not use_guidance else f'{args.guidance} p {g_start}->{g_end} over {g_frames} frames'}")
-    for name in ("metrics.jsonl", "train.jsonl", "episodes.jsonl"):  # drop lines after the resumed checkpoint
-        path = out_dir / name
-        if path.is_file():
-            kept = [line for line in read_log_lines(path) if json.loads(line)["env_steps"] <= counters["env_frames"]]
-            write_atomic(path, "".join(line + "\n" for line in kept).encode())
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
-    train_file = open(out_dir / "train.jsonl", "a")
-    episodes_file = open(out_dir / "episodes.jsonl", "a")  # one line per collected (training) episode
-    rate_t, rate_frames = time.time(), counters["env_frames"]
-    try:
-        while counters["env_frames"] < args.env_steps:
-            # 3. Collect one episode: warm-up by pi_bc (random without guidance), then guidance windows.
-            frames_now = counters["env_frames"]
-            warm = frames_now < warmup_total
-            p = guidance_probability(frames_now, g_start, g_end, g_frames) if use_guidance else 0.0
-            window = (0, 0)
-            if warm and use_guidance:
-                window = (0, max_steps)
-            elif use_guidance and np_rng.random() < p:
-                window = guidance_window(max_steps, np_rng, args.guidance)
-            agent.eval()
-            episode, (stats, _) = run_episode(env, agent, np_rng, max_steps, prior=PriorActor(prior, device)
-                                              if prior is not None else None, prior_window=window,
-                                              random_actions=warm and not use_guidance)
-            agent.train()
-            save_episode(replay_path(out_dir, counters["episodes"]), episode)
-            online.add(episode)
-            counters["episodes"] += 1
-            counters["agent_steps"] += stats["length"]
-            counters["env_frames"] += stats["length"] * ACTION_REPEAT
-            writer.add_scalar("episode/return", stats["return"], counters["env_frames"])
-            writer.add_scalar("episode/prior_steps", stats["prior_steps"], counters["env_frames"])
-            writer.add_scalar("episode/guidance_p", p, counters["env_frames"])
-            episode_line = {"env_steps": counters["env_frames"], "episode": counters["episodes"] - 1,
-                            "return": stats["return"], "length": stats["length"], "warmup": warm,
-                            "guidance_p": p, "prior_first": window[0], "prior_steps": stats["prior_steps"],
-                            "return_discounted": stats["return_discounted"], "value_first": stats["value_first"]}
-            if env.is_metaworld:
-                episode_line.update(success=stats["success"], success_any=stats["success_any"])
-            episodes_file.write(json.dumps(episode_line) + "\n")
-            episodes_file.flush()
-
-            # 4. Updates at the replay ratio (the release's timing): training starts once `train_after_episodes`
-            # episodes are in the replay, or when the warm-up ends if sooner, so the world model, reward head
-            # and critic already learn from the prior's warm-up episodes; from then on one update per
-            # (batch x length / train ratio) agent steps, counted from that point (no burst for earlier steps).
-            summed, n_upd = {}, 0
-            if counters["train_origin"] < 0 and (counters["episodes"] >= args.train_after_episodes
-                                                 or counters["env_frames"] >= warmup_total):
-                counters["train_origin"] = counters["agent_steps"]
-                log(f"[finetune] training starts after {counters['episodes']} episodes")
-            if counters["train_origin"] >= 0:
-                owed = int((counters["agent_steps"] - counters["train_origin"]) * preset["train_ratio"] / (B * L))
-                due = owed - counters["updates"]
-                t_note = time.time()
-                for i in range(max(due, 0)):
-                    if time.time() - t_note > 60:  # a progress line during a long run of updates
-                        log(f"[finetune] update {i}/{due} of this episode ({counters['updates']} in all)")
-                        t_note = time.time()
-                    on = online.sample(np_rng, b_on, L)
-                    off = offline.sample(np_rng, b_off, L) if b_off else None
-                    m = agent.update(to_batch(on, off, device))
-                    counters["updates"] += 1
-                    n_upd += 1
-                    for key, v in m.items():
-                        summed[key] = summed.get(key, 0.0) + v
-            if n_upd:
-                bad = agent.diverged()
-                if bad:
-                    fail(f"the weights of the {', '.join(bad)} are no longer finite after update {counters['updates']} "
-                         f"(learning rates too high?); stopped before overwriting the last checkpoint {ckpt_path}")
-                means = {key: v / n_upd for key, v in summed.items()}
-                for key, v in means.items():
-                    writer.add_scalar(f"train/{key}", v, counters["env_frames"])
-                train_file.write(json.dumps({"env_steps": counters["env_frames"], "train_updates": counters["updates"],
-                                             "updates_this_episode": n_upd, **means}) + "\n")
-                train_file.flush()
-
-            # Progress line.
-            now = time.time()
-            fps = (counters["env_frames"] - rate_frames) / max(now - rate_t, 1e-9)
-            eta = (args.env_steps - counters["env_frames"]) / max(fps, 1e-9)
-            log(f"[finetune] {counters['env_frames']}/{args.env_steps} frames | ep {counters['episodes']} return "
-                f"{stats['return']:.1f} prior {stats['prior_steps']}/{stats['length']} p {p:.2f} | updates "
-                f"{counters['updates']} | {fps:.1f} frames/s | eta {eta / 60:.1f} min"
-                + (f" | wm {summed['wm_loss'] / n_upd:.3f} actor {summed['actor_loss'] / n_upd:.3f}" if n_upd else ""))
-
-            # 5. Evaluation with the policy's mode (no prior).
-            done = counters["env_frames"] >= args.env_steps
-            if counters["env_frames"] >= (counters["evals"] + 1) * preset["eval_every"] or done:
-                if eval_env is None:
-                    eval_env = make_env(args.task, seed=args.seed + 10_000 + counters["evals"])
-                agent.eval()
-                result, video = evaluate(eval_env, agent, preset["eval_episodes"], max_steps, np_rng)
-                agent.train()
-                counters["evals"] = max(counters["evals"] + 1, counters["env_frames"] // preset["eval_every"])
-                line = {"env_steps": counters["env_frames"], **result, "wall_time": counters_wall(),
-                        "train_updates": counters["updates"], "guidance_p": p, "episodes": counters["episodes"]}
-                metrics_file.write(json.dumps(line) + "\n")
-                metrics_file.flush()
-                for key, v in result.items():
-                    writer.add_scalar(f"eval/{key[5:]}", v, counters["env_frames"])
-                if args.video and video:
-                    write_video(out_dir / "videos" / f"eval-{counters['env_frames']:07d}.mp4", video)
-                log(f"[eval] {counters['env_frames']} frames: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
-                checkpoint()
-            elif done or counters["env_frames"] - counters["last_ckpt_frames"] >= args.checkpoint_every:
-                checkpoint()
-    except FloatingPointError as e:
-        fail(f"{e} at update {counters['updates']}; stopped, the last checkpoint {ckpt_path} is kept")
-    finally:
-        metrics_file.close()
-        train_file.close()
-        episodes_file.close()
-        writer.close()
-        env.close()
-        if eval_env is not None:
-            eval_env.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    log(f"[finetune] done: {counters['env_frames']} frames, {counters['updates']} updates, "
-        f"{counters_wall() / 60:.1f} min, peak memory {peak:.0f} MB")
-
 
 if __name__ == "__main__":
     main(tyro.cli(Args, config=(tyro.conf.FlagCreatePairsOff,)))  # --no-pretrain, not --no-no-pretrain
