@@ -22,6 +22,7 @@ SIZE=${SIZE:-xs}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-2000}
 FINETUNE_FRAMES=${FINETUNE_FRAMES:-10000}
 SEED=${SEED:-0}
+K=${K:-$EPISODES}  # retrieved episodes: at most one embodiment's worth, so D_r does not mix walker and cheetah
 VARIANTS=${VARIANTS:-"gsa no-pretrain"}
 start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
@@ -38,7 +39,7 @@ $PY pretrain_wm.py --data-dir "$OUT/data" --out-dir "$OUT/pretrain" --embodiment
 stamp "3/5 build the retrieval index -> $OUT/index"
 [ -f "$OUT/index/index.faiss" ] || $PY retrieval.py build --checkpoint "$OUT/pretrain/wm.pt" \
     --data-dir "$OUT/data" --out-dir "$OUT/index"
-$PY retrieval.py query --index-dir "$OUT/index" --task "$TASK" --k 100 --checkpoint "$OUT/pretrain/wm.pt"
+$PY retrieval.py query --index-dir "$OUT/index" --task "$TASK" --k "$K" --checkpoint "$OUT/pretrain/wm.pt"
 
 for variant in $VARIANTS; do
   stamp "4/5 fine-tune $TASK ($variant) -> $OUT/finetune/$variant"
@@ -46,7 +47,7 @@ for variant in $VARIANTS; do
   resume=(); [ -f "$OUT/finetune/$variant/ckpt.pt" ] && resume=(--resume)
   $PY finetune_gsa.py --task "$TASK" --checkpoint "$OUT/pretrain/wm.pt" --index-dir "$OUT/index" \
       --data-dir "$OUT/data" --out-dir "$OUT/finetune/$variant" --size "$SIZE" \
-      --env-steps "$FINETUNE_FRAMES" --seed "$SEED" "${flags[@]}" "${resume[@]}"
+      --env-steps "$FINETUNE_FRAMES" --k "$K" --seed "$SEED" "${flags[@]}" "${resume[@]}"
 done
 
 stamp "5/5 report -> $OUT/report"

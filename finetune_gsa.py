@@ -1167,8 +1167,9 @@ def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple
 
 def retrieval_summary(args: Args, pairs: list, action_dim: int) -> dict:
     """What D_r is made of: counts by embodiment and by source task, and every episode with its distance."""
-    return {"k": args.k, "action_dim": action_dim,
-            "by_embodiment": dict(Counter(row["embodiment"] for row, _ in pairs)),
+    by_embodiment = dict(Counter(row["embodiment"] for row, _ in pairs))
+    return {"k": args.k, "action_dim": action_dim, "mixed_embodiments": len(by_embodiment) > 1,
+            "by_embodiment": by_embodiment,
             "by_source_task": dict(Counter(f"{row['embodiment']}/{row.get('task')}" for row, _ in pairs)),
             "episodes": [{"path": row["path"], "embodiment": row["embodiment"], "task": row.get("task"),
                           "distance": dist} for row, dist in pairs]}
@@ -1279,6 +1280,10 @@ def main(args: Args) -> None:
     if summary:
         print(f"[retrieval] D_r: {len(offline)} episodes, {offline.steps} steps; by embodiment "
               f"{summary['by_embodiment']}; by source task {summary['by_source_task']}")
+        if len(summary["by_embodiment"]) > 1:  # e.g. walker and cheetah share 6 action dims
+            print(f"[retrieval] WARNING: D_r mixes embodiments {summary['by_embodiment']}: the prior is cloned "
+                  f"from, and rehearsal replays, another body's episodes too. With a small dataset, a --k of at most "
+                  f"the task embodiment's episode count avoids this.", flush=True)
 
     # The run directory, written only now: every input has been checked.
     if out_dir.is_dir():

@@ -307,6 +307,7 @@ def test_gsa_run_retrieves_and_guides(tmp_path, artifacts):
     run_main(task="walker-walk", env_steps=120, out_dir=str(out), guidance_frames=120, **artifacts)
     info = json.loads((out / "retrieval.json").read_text())
     assert set(info["by_embodiment"]) <= {"walker", "cheetah"} and len(info["episodes"]) == 5  # action dim 6
+    assert info["mixed_embodiments"] == (len(info["by_embodiment"]) > 1)  # 3 walker + 2 cheetah episodes here
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["bc_prior"] is not None and ckpt["counters"]["env_frames"] == 120
     first = np.load(out / "replay" / "ep-000000.npz")
