@@ -100,7 +100,7 @@ def bench_pretrain(args: Args, size: str) -> dict:
     import torch
     import pretrain_wm as P
 
-    P.tune_cpu_malloc()
+    P.keep_freed_memory()
     torch.manual_seed(0)
     device = torch.device(args.device)
     cfg = P.size_config(size)

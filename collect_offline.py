@@ -25,7 +25,8 @@ Reads: nothing (the environments only). Writes, under --out-dir:
   manifest.json                  format version, sizes, the resolved Args, one row per episode, sorted by path
   _explorer/<emb>-stage<k>.pt    exploration-agent actor snapshots (plain dict of tensors, weights_only loadable)
   args.json, metrics.jsonl, tb/ (TensorBoard), contact_sheet.png (first frames, one row per embodiment)
-All files are written atomically (temporary name, fsync, rename).
+All files are written atomically (temporary name, fsync, rename); a write that fails removes its temporary
+file, and a run sweeps those that killed runs left behind.
 
 Determinism and resume: every episode's bytes depend only on (--seed, embodiment, task, episode index) (and,
 for DMControl, the explorer snapshots, which are themselves a deterministic function of --seed, trained at
@@ -33,6 +34,8 @@ for DMControl, the explorer snapshots, which are themselves a deterministic func
 .npz and .json exist and agree (sha256), regenerates the rest, and rebuilds manifest.json from the sidecar
 rows. Re-running into a directory made with different content settings (seed, explorer, noise, random
 fraction) is refused. Raising --episodes-per-embodiment later only adds episodes: existing ones are reused.
+A selection that would leave out episodes listed in an existing manifest.json is refused unless --allow-shrink
+is given (every flag's valid range and the dataset are checked before anything is written).
 
 Sharding: `--shard k/N` keeps the episodes whose id (path) hashes to k-1 modulo N; each shard writes its own
 --out-dir with a manifest of its own episodes (each shard trains its own explorer snapshots, the same ones
@@ -56,14 +59,22 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede any mujoco / dm_control import
 
+import contextlib
+import ctypes
+import dataclasses
+import errno
 import hashlib
 import io
 import json
+import math
 import multiprocessing as mp
 import re
+import signal
+import sys
 import time
 import warnings
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -94,6 +105,9 @@ class Args:
     """worker processes (spawn context); 1 runs everything in this process"""
     shard: str = "1/1"
     """k/N: collect only the k-th of N deterministic shares of the episodes (to split across machines)"""
+    allow_shrink: bool = False
+    """let this selection rewrite an existing manifest.json without some of the episodes it lists (their files
+    stay on disk); without it such a run is refused"""
     random_fraction: float = 0.1
     """fraction of each embodiment's episodes played with uniform random actions"""
     mw_noise_min: float = 0.0
@@ -110,6 +124,39 @@ class Args:
     """zlib level of the .npz files (6, as np.savez_compressed; 1 is ~15% faster to write and 30-80% larger)"""
 
 
+# Valid range of every numeric flag, (low, high) inclusive, None = unbounded; checked by check_ranges before
+# anything is written. tests/ check that every int/float field of Args has an entry.
+ARG_RANGES = {
+    "seed": (0, 2**32 - 1),  # numpy's seed range
+    "episodes_per_embodiment": (1, None),
+    "mw_episodes_per_task": (1, None),
+    "num_workers": (1, None),
+    "random_fraction": (0.0, 1.0),
+    "mw_noise_min": (0.0, None),
+    "mw_noise_max": (0.0, None),
+    "dmc_noise_max": (0.0, None),
+    "explorer_steps": (1, None),
+    "explorer_stages": (1, None),
+    "compress_level": (0, 9),  # zlib's levels
+}
+
+
+def check_ranges(args) -> None:
+    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
+            continue
+        low, high = ARG_RANGES[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+            fail(f"{flag} must be {valid}, got {value}")
+
+
+SCRIPT = "collect_offline.py"
 FORMAT_VERSION = 1
 EMBODIMENTS = ("cartpole", "acrobot", "walker", "cheetah", "quadruped", "sawyer")
 ACTION_DIMS = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
@@ -137,12 +184,13 @@ CONTENT_ARGS = ("seed", "random_fraction", "mw_noise_min", "mw_noise_max", "dmc_
 
 
 def fail(message: str):
-    raise SystemExit(f"collect_offline.py: error: {message}")
+    raise SystemExit(f"{SCRIPT}: error: {message}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Argument resolution and the episode plan
 # ----------------------------------------------------------------------------------------------------------
+
 def parse_embodiments(spec: str) -> list:
     names = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
@@ -176,22 +224,11 @@ def parse_shard(spec: str) -> tuple:
 
 
 def validate(args: Args) -> None:
-    if args.episodes_per_embodiment < 1:
-        fail(f"--episodes-per-embodiment must be positive, got {args.episodes_per_embodiment}")
-    if args.mw_episodes_per_task is not None and args.mw_episodes_per_task < 1:
-        fail(f"--mw-episodes-per-task must be positive, got {args.mw_episodes_per_task}")
-    if args.num_workers < 1:
-        fail(f"--num-workers must be positive, got {args.num_workers}")
-    if args.explorer_steps < 1 or args.explorer_stages < 1:
-        fail("--explorer-steps and --explorer-stages must be positive")
-    if not 0.0 <= args.random_fraction <= 1.0:
-        fail(f"--random-fraction must be in [0, 1], got {args.random_fraction}")
-    if not 0.0 <= args.mw_noise_min <= args.mw_noise_max:
-        fail("need 0 <= --mw-noise-min <= --mw-noise-max")
-    if args.dmc_noise_max < 0:
-        fail("--dmc-noise-max must be >= 0")
-    if not 0 <= args.compress_level <= 9:
-        fail("--compress-level must be in 0..9")
+    """What check_ranges cannot see: flags that constrain each other, and the text flags."""
+    if args.mw_noise_min > args.mw_noise_max:
+        fail(f"--mw-noise-min {args.mw_noise_min} exceeds --mw-noise-max {args.mw_noise_max}")
+    if args.explorer_stages > args.explorer_steps:  # every stage needs a snapshot at a distinct step
+        fail(f"--explorer-stages {args.explorer_stages} exceeds --explorer-steps {args.explorer_steps}")
     parse_embodiments(args.embodiments)
     parse_mw_tasks(args.mw_tasks)
     parse_shard(args.shard)
@@ -223,7 +260,7 @@ def plan_episode(args: Args, embodiment: str, task: str, index: int) -> dict:
 
 def plan_all(args: Args) -> list:
     k, n = parse_shard(args.shard)
-    mw_count = args.mw_episodes_per_task or args.episodes_per_embodiment
+    mw_count = args.episodes_per_embodiment if args.mw_episodes_per_task is None else args.mw_episodes_per_task
     specs = []
     for emb in parse_embodiments(args.embodiments):
         if emb == "sawyer":
@@ -237,6 +274,7 @@ def plan_all(args: Args) -> list:
 # ----------------------------------------------------------------------------------------------------------
 # Environments
 # ----------------------------------------------------------------------------------------------------------
+
 def cheap_render_settings(model) -> None:
     """No anti-aliasing, no shadows, 64x64 offscreen buffer (SETUP.md: ~2 ms DMC, ~12 ms Meta-World)."""
     model.vis.quality.offsamples = 0
@@ -345,6 +383,7 @@ class MetaWorldTask:
 # ----------------------------------------------------------------------------------------------------------
 # Task-agnostic exploration agent: DDPG (clipped double Q) on state, intrinsic reward = RND novelty
 # ----------------------------------------------------------------------------------------------------------
+
 def mlp(inp: int, out: int, hidden: int = 128, norm: bool = True) -> nn.Sequential:
     first = [nn.Linear(inp, hidden), nn.LayerNorm(hidden), nn.Tanh()] if norm else [nn.Linear(inp, hidden), nn.ReLU()]
     return nn.Sequential(*first, nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
@@ -475,32 +514,66 @@ def explorer_job(job: tuple) -> list:
 
     def log(row: dict) -> None:
         rows.append(row)
-        print(f"collect_offline.py: explorer {embodiment}: {row['explorer_step']}/{args.explorer_steps} steps "
+        print(f"{SCRIPT}: explorer {embodiment}: {row['explorer_step']}/{args.explorer_steps} steps "
               f"({row['explorer_step'] / (time.time() - t0):.0f} steps/s)", flush=True)
 
     seed = episode_seed(args.seed, embodiment, 1000, 0)  # its own stream, apart from every episode's
     snaps = train_explorer(RewardFreeDMC(embodiment), args.explorer_steps, args.explorer_stages, seed, log)
     for k, (path, actor) in enumerate(zip(paths, snaps), start=1):
-        payload = {"format_version": FORMAT_VERSION, "script": "collect_offline.py", "embodiment": embodiment,
+        payload = {"format_version": FORMAT_VERSION, "script": SCRIPT, "embodiment": embodiment,
                    "stage": k, "steps": int(round(args.explorer_steps * k / args.explorer_stages)),
                    "seed": args.seed, "actor": actor}
         buf = io.BytesIO()
         torch.save(payload, buf)
-        atomic_write(path, buf.getvalue())
+        write_atomic(path, buf.getvalue())
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Episode collection (runs in worker processes)
 # ----------------------------------------------------------------------------------------------------------
-def atomic_write(path: Path, data: bytes) -> None:
+
+
+# ==== shared file helpers: identical copies live in all four stage scripts (tests keep them in sync) ====
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, fsync, rename: readers never see a partial file. A failed write
+    removes its temporary file and raises an OSError naming `path` (the caller turns a full disk into a
+    one-line error, see fail_on_full_disk)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def sweep_stale_temporaries(*folders: Path) -> None:
+    """Remove the temporary files (<name>.tmp-<pid>[.ext]) left by processes that no longer run."""
+    for folder in folders:
+        for path in folder.glob("*.tmp-*"):
+            m = re.fullmatch(r".+\.tmp-(\d+)(\.\w+)?", path.name)
+            if m and path.is_file() and not pid_running(int(m.group(1))):
+                path.unlink(missing_ok=True)
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+# ==== end shared file helpers ====
 
 
 def encode_episode(image: np.ndarray, action: np.ndarray, is_first: np.ndarray, level: int) -> bytes:
@@ -620,7 +693,7 @@ def complete_row(out_dir: Path, spec: dict) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     if any(row.get(k) != v for k, v in spec.items()) or row.get("sha256") != file_sha256(npz):
-        print(f"collect_offline.py: redoing {spec['path']} (stored file or row does not match)", flush=True)
+        print(f"{SCRIPT}: redoing {spec['path']} (stored file or row does not match)", flush=True)
         return None
     return row
 
@@ -636,8 +709,8 @@ def collect_chunk(job: tuple) -> list:
         ep = rollout(spec, out_dir)
         data = encode_episode(ep["image"], ep["action"], ep["is_first"], level)
         row = dict(spec, sha256=hashlib.sha256(data).hexdigest())
-        atomic_write(out_dir / spec["path"], data)
-        atomic_write(sidecar_path(out_dir, spec), json.dumps(row, indent=1).encode())  # marks it complete
+        write_atomic(out_dir / spec["path"], data)
+        write_json_atomic(sidecar_path(out_dir, spec), row)  # marks it complete
         results.append((row, {"cpu": time.process_time() - t0, "step_render_cpu": ep["step_render_cpu"],
                               "frames": spec["length"], "successes": ep["successes"]}))
     return results
@@ -646,6 +719,7 @@ def collect_chunk(job: tuple) -> list:
 # ----------------------------------------------------------------------------------------------------------
 # Manifest, contact sheet, summary
 # ----------------------------------------------------------------------------------------------------------
+
 def write_manifest(out_dir: Path, args: Args, rows: list) -> None:
     manifest = {"format_version": FORMAT_VERSION, "image_size": IMAGE_SIZE, "action_repeat": ACTION_REPEAT,
                 "max_action_dim": MAX_ACTION_DIM, "action_dims": dict(ACTION_DIMS),
@@ -653,7 +727,7 @@ def write_manifest(out_dir: Path, args: Args, rows: list) -> None:
                 # and retrieval.py record, so a resume with other --num-workers must not change it.
                 "collection": {k: getattr(args, k) for k in CONTENT_ARGS},
                 "episodes": sorted(rows, key=lambda r: r["path"])}
-    atomic_write(out_dir / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    write_json_atomic(out_dir / "manifest.json", manifest)
 
 
 def write_contact_sheet(out_dir: Path, rows: list, per_row: int = 10) -> None:
@@ -670,7 +744,7 @@ def write_contact_sheet(out_dir: Path, rows: list, per_row: int = 10) -> None:
             sheet[i * tile:(i + 1) * tile, j * tile:(j + 1) * tile] = frame.repeat(2, 0).repeat(2, 1)
     buf = io.BytesIO()
     imageio.imwrite(buf, sheet, format="png")
-    atomic_write(out_dir / "contact_sheet.png", buf.getvalue())
+    write_atomic(out_dir / "contact_sheet.png", buf.getvalue())
 
 
 def summarize(rows: list) -> str:
@@ -689,6 +763,72 @@ def summarize(rows: list) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The output directory: checks before anything is written, leftovers of killed runs, a full disk
+# ----------------------------------------------------------------------------------------------------------
+
+def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
+    """Fail unless `path` is a directory or can be made one (no regular file in the way)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                fail(f"{flag} {path}: {p} is not a directory")
+            return
+
+
+def check_existing_dataset(out_dir: Path, args: Args, specs: list) -> None:
+    """Refuse a run that would change the bytes of the episodes in --out-dir, or silently drop some from its
+    manifest.json: a collection into an existing dataset only grows it unless --allow-shrink says otherwise."""
+    check_out_dir(out_dir)
+    args_file, manifest_file = out_dir / "args.json", out_dir / "manifest.json"
+    if args_file.exists():
+        try:
+            old = json.loads(args_file.read_text())
+        except ValueError:
+            old = None
+        if not isinstance(old, dict):
+            fail(f"{args_file} is unreadable; use a new --out-dir")
+        diff = [k for k in CONTENT_ARGS if old.get(k) != getattr(args, k)]
+        if diff:
+            fail(f"{out_dir} holds a collection made with different {', '.join(diff)}; use a new --out-dir")
+    if not manifest_file.exists():
+        return
+    try:
+        listed = [(r["path"], r["embodiment"], r["task"]) for r in json.loads(manifest_file.read_text())["episodes"]]
+    except (ValueError, KeyError, TypeError):
+        fail(f"{manifest_file} is unreadable; delete it and re-run the command that made the dataset (see "
+             f"{args_file}) to rebuild it from the episode sidecars")
+    planned = {s["path"] for s in specs}
+    dropped = Counter(f"{emb}/{task}" for path, emb, task in listed if path not in planned)
+    if dropped and not args.allow_shrink:
+        counts = ", ".join(f"{k}: {n}" for k, n in sorted(dropped.items()))
+        fail(f"this selection would drop {sum(dropped.values())} of the {len(listed)} episodes listed in "
+             f"{manifest_file} ({counts}); select them too (see {args_file}) or pass --allow-shrink")
+
+
+def drop_torn_line(path: Path) -> None:
+    """Cut a partial last line (a run killed mid-write), so that the rows appended next start a line."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            os.truncate(path, data.rfind(b"\n") + 1)
+
+
+@contextlib.contextmanager
+def fail_on_full_disk():
+    """A full disk ends the run with a one-line error naming the file; finished episodes are kept."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and re-run "
+             f"the same command (it continues where this one stopped)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running the jobs: in this process or in a pool of worker processes
+# ----------------------------------------------------------------------------------------------------------
+
 def work(job: tuple):
     """Pool entry point: ("explore", out_dir, embodiment, args_dict) or ("episodes", out_dir, specs, level)."""
     return job[0], (explorer_job if job[0] == "explore" else collect_chunk)(job[1:])
@@ -704,6 +844,17 @@ def release_cache() -> None:
         _CACHE.pop(key)
 
 
+def stop_with_parent() -> None:
+    """Pool initializer: the kernel sends this worker SIGTERM when its parent dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1  # from linux/prctl.h
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    fail("stopped by SIGTERM; re-run the same command to continue")
+
+
 def run_jobs(jobs: list, workers: int, on_result) -> None:
     """Run jobs in this process (workers == 1) or in a spawn pool (fork after GL deadlocks, SETUP trap 3)."""
     if workers == 1 or not jobs:
@@ -711,9 +862,15 @@ def run_jobs(jobs: list, workers: int, on_result) -> None:
             on_result(*work(job))
         release_cache()
         return
-    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-        for kind, result in pool.imap_unordered(work, jobs):
-            on_result(kind, result)
+    # SIGTERM becomes SystemExit here, so that leaving the `with` terminates the workers rather than leaving
+    # them to finish their jobs as orphans.
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=stop_with_parent) as pool:
+            for kind, result in pool.imap_unordered(work, jobs):
+                on_result(kind, result)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def chunked(specs: list, size: int = 8) -> list:
@@ -727,20 +884,12 @@ def chunked(specs: list, size: int = 8) -> list:
     return chunks
 
 
-def main(args: Args) -> None:
-    validate(args)
-    out_dir = Path(args.out_dir)
-    args_file = out_dir / "args.json"
-    if args_file.exists():
-        try:
-            old = json.loads(args_file.read_text())
-        except ValueError:
-            fail(f"{args_file} is unreadable; use a new --out-dir")
-        diff = [k for k in CONTENT_ARGS if old.get(k) != getattr(args, k)]
-        if diff:
-            fail(f"{out_dir} holds a collection made with different {', '.join(diff)}; use a new --out-dir")
+def collect(args: Args, out_dir: Path, specs: list) -> None:
+    """Collect the episodes of `specs` that --out-dir lacks, then write manifest.json and the contact sheet."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(args_file, (json.dumps(asdict(args), indent=1) + "\n").encode())
+    sweep_stale_temporaries(out_dir, out_dir / "_explorer", *(out_dir / e for e in EMBODIMENTS))
+    write_json_atomic(out_dir / "args.json", asdict(args))
+    drop_torn_line(out_dir / "metrics.jsonl")
     metrics = open(out_dir / "metrics.jsonl", "a")
     from torch.utils.tensorboard import SummaryWriter  # imported here, not in every spawned worker
 
@@ -752,14 +901,13 @@ def main(args: Args) -> None:
         if "explorer_step" in row and row["rnd_error"] is not None:
             writer.add_scalar(f"explorer/{row['embodiment']}/rnd_error", row["rnd_error"], row["explorer_step"])
 
-    specs = plan_all(args)
     rows = {}  # path -> manifest row of every complete episode
     for s in specs:
         row = complete_row(out_dir, s)
         if row is not None:
             rows[s["path"]] = row
     todo = [s for s in specs if s["path"] not in rows]
-    print(f"collect_offline.py: {len(specs)} episodes in shard {args.shard}, {len(specs) - len(todo)} already "
+    print(f"{SCRIPT}: {len(specs)} episodes in shard {args.shard}, {len(specs) - len(todo)} already "
           f"complete, {len(todo)} to collect with {args.num_workers} worker(s)", flush=True)
 
     total_frames = sum(s["length"] for s in todo)
@@ -788,7 +936,7 @@ def main(args: Args) -> None:
             fps = (done["frames"] - first[1]) / max(now - first[0], 1e-9)  # episode rate, explorer time excluded
             eta = (total_frames - done["frames"]) / max(fps, 1e-9)
             writer.add_scalar("collect/agent_steps_per_s", fps, done["frames"])
-            print(f"collect_offline.py: {done['episodes']}/{len(todo)} episodes, {fps:.0f} agent steps/s "
+            print(f"{SCRIPT}: {done['episodes']}/{len(todo)} episodes, {fps:.0f} agent steps/s "
                   f"({ACTION_REPEAT * fps:.0f} env frames/s), ETA {eta:.0f} s", flush=True)
 
     # Phase 1, one pool: reward-free explorer training for the DMControl embodiments that still need episodes
@@ -810,7 +958,7 @@ def main(args: Args) -> None:
         log({"summary": "collection", "episodes": done["episodes"], "agent_steps": done["frames"], "wall_s": wall,
              "agent_steps_per_s": done["frames"] / wall, "cpu_s": done["cpu"],
              "step_render_cpu_s": done["step_render_cpu"]})
-        print(f"collect_offline.py: collected {done['episodes']} episodes ({done['frames']} agent steps) in "
+        print(f"{SCRIPT}: collected {done['episodes']} episodes ({done['frames']} agent steps) in "
               f"{wall:.0f} s; episode CPU {done['cpu']:.0f} s, of which env step + render "
               f"{done['step_render_cpu']:.0f} s (loop overhead "
               f"{100 * (1 - done['step_render_cpu'] / max(done['cpu'], 1e-9)):.0f}%)", flush=True)
@@ -824,8 +972,18 @@ def main(args: Args) -> None:
     metrics.close()
     writer.close()
     print(summarize(rows))
-    print(f"collect_offline.py: wrote {out_dir / 'manifest.json'} ({len(rows)} episodes) and "
+    print(f"{SCRIPT}: wrote {out_dir / 'manifest.json'} ({len(rows)} episodes) and "
           f"{out_dir / 'contact_sheet.png'}", flush=True)
+
+
+@fail_on_full_disk()
+def main(args: Args) -> None:
+    check_ranges(args)
+    validate(args)
+    out_dir = Path(args.out_dir)
+    specs = plan_all(args)
+    check_existing_dataset(out_dir, args, specs)  # before anything is written
+    collect(args, out_dir, specs)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ import io
 import json
 import math
 import random
+import re
 import resource
 import sys
 import time
@@ -88,6 +89,7 @@ from torch.utils.tensorboard import SummaryWriter
 FORMAT_VERSION = 1  # of ckpt.pt; the world-model checkpoint read here must have pretrain_wm.py's version 1
 
 SCRIPT = "finetune_gsa.py"
+
 
 @dataclass
 class Args:
@@ -194,6 +196,7 @@ ARG_RANGES = {
     "bc_lr": (1e-8, 1.0),
 }
 
+
 def check_ranges(args) -> None:
     """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
     for name, (low, high) in ARG_RANGES.items():
@@ -247,10 +250,12 @@ def guidance_schedule(args: Args, is_metaworld: bool) -> tuple[float, float, int
     frames = frames if args.guidance_frames is None else args.guidance_frames
     return start, end, frames
 
+
 def guidance_probability(env_frames: int, start: float, end: float, frames: int) -> float:
     """Linear schedule: start at 0 frames, end from `frames` on."""
     frac = 1.0 if frames <= 0 else min(max(env_frames / frames, 0.0), 1.0)
     return start + frac * (end - start)
+
 
 def guidance_window(length: int, rng: np.random.Generator, mode: str = "window") -> tuple[int, int]:
     """(first step, number of steps) of pi_bc's window in an episode of `length` agent steps: the number of
@@ -268,12 +273,15 @@ def guidance_window(length: int, rng: np.random.Generator, mode: str = "window")
 def symlog(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
+
 def symexp(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.expm1(x.abs())
+
 
 def twohot_bins(device=None) -> torch.Tensor:
     """255 bins evenly spaced in symlog space over [-20, 20] (DreamerV3)."""
     return torch.linspace(-20.0, 20.0, 255, device=device)
+
 
 def twohot_encode(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """y [...] (already symlog'ed) -> weights [..., K] on the two nearest bins, linear interpolation."""
@@ -287,13 +295,16 @@ def twohot_encode(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     out.scatter_add_(-1, above.unsqueeze(-1), w_above.unsqueeze(-1))
     return out
 
+
 def twohot_mean(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Expected value: softmax-weighted bins in symlog space, then symexp."""
     return symexp((torch.softmax(logits, -1) * bins).sum(-1))
 
+
 def twohot_nll(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the two-hot encoding of symlog(target) under the predicted bins."""
     return -(twohot_encode(symlog(target), bins) * torch.log_softmax(logits, -1)).sum(-1)
+
 
 def lambda_return(reward: torch.Tensor, value: torch.Tensor, discount: float, lam: float) -> torch.Tensor:
     """Eq. 2: R_t = r_{t+1} + gamma * ((1 - lambda) * v_{t+1} + lambda * R_{t+1}), R_H = v_H.
@@ -303,6 +314,7 @@ def lambda_return(reward: torch.Tensor, value: torch.Tensor, discount: float, la
         ret = reward[t] + discount * ((1.0 - lam) * value[t + 1] + lam * ret)
         out.append(ret)
     return torch.stack(out[::-1])
+
 
 class ReturnNorm(nn.Module):
     """DreamerV3 return normalisation: EMA of the 5th and 95th return percentiles; scale = max(1, P95 - P5)."""
@@ -323,6 +335,7 @@ class ReturnNorm(nn.Module):
     def scale(self) -> torch.Tensor:
         return torch.clamp(self.high - self.low, min=self.floor)
 
+
 def actor_sample(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """a ~ N(mean, std) clipped to [-1, 1] with a straight-through gradient (the release's policy): the forward
     value is clipped, the backward pass is that of the unclipped reparameterised sample mean + std * eps. So
@@ -332,9 +345,11 @@ def actor_sample(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     x = mean + std * torch.randn_like(mean)
     return x + (x.clamp(-1.0, 1.0) - x).detach()
 
+
 def actor_entropy(std: torch.Tensor) -> torch.Tensor:
     """Entropy of N(mean, std) per dimension, in closed form (the release estimates it by -log N(sample))."""
     return torch.log(std) + 0.5 * math.log(2.0 * math.pi * math.e)
+
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
@@ -372,6 +387,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(x)).float()  # fp32 outputs under bf16 autocast (two-hot, actor dist)
 
+
 class Actor(nn.Module):
     """pi(a | s): truncated normal on [-1, 1]^12, mean tanh(.), std in [0.1, 1]; padded dims masked to 0."""
 
@@ -383,6 +399,7 @@ class Actor(nn.Module):
     def forward(self, feat: torch.Tensor):
         mean, std = self.net(feat).chunk(2, -1)
         return torch.tanh(mean), (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
+
 
 class BCPrior(nn.Module):
     """pi_bc (the release's network): 3 stacked frames -> 4 convs (kernel 4, stride 2, no padding) with channels
@@ -408,6 +425,7 @@ class BCPrior(nn.Module):
             x = F.elu(norm(conv(x)))
         return self.mlp(x.flatten(1))
 
+
 def random_shift(x: torch.Tensor, rng: torch.Generator, pad: int = 3) -> torch.Tensor:
     """DrQ augmentation: replicate-pad by `pad` and crop back at a random offset per sample. x [N, C, H, W]."""
     n, _, h, w = x.shape
@@ -419,10 +437,12 @@ def random_shift(x: torch.Tensor, rng: torch.Generator, pad: int = 3) -> torch.T
     out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]  # [N, H, W, C]
     return out.permute(0, 3, 1, 2)
 
+
 def bc_stack(episode: dict, t: int) -> np.ndarray:
     """Frames t-2, t-1, t of an episode (the first frame repeated before the start): uint8 [3, H, W, 3]."""
     idx = [max(t - i, 0) for i in reversed(range(BC_FRAMES))]
     return episode["image"][idx]
+
 
 def bc_batch(episodes: list, pairs, device) -> tuple:
     """(frames uint8 [N, 3, H, W, 3], target action [N, 12]) for (episode, t) pairs: frames up to t predict
@@ -430,6 +450,7 @@ def bc_batch(episodes: list, pairs, device) -> tuple:
     frames = torch.as_tensor(np.stack([bc_stack(episodes[e], t) for e, t in pairs]), device=device)
     target = torch.as_tensor(np.stack([episodes[e]["action"][t + 1] for e, t in pairs]), device=device)
     return frames, target
+
 
 def train_bc(prior: BCPrior, episodes: list, max_steps: int, batch: int, lr: float, action_dim: int,
              rng: np.random.Generator, device: torch.device, log=print, check_every: int = 250,
@@ -663,6 +684,7 @@ class Agent(nn.Module):
         action = mean if mode else actor_sample(mean, std)
         return (action * self.act_mask)[0], post
 
+
 def to_batch(online: dict, offline: Optional[dict], device) -> dict:
     """Numpy sequences [B_on, T, ...] (+ rehearsal [B_off, T, ...]) -> update() batch on the device."""
     parts = [online] + ([offline] if offline is not None else [])
@@ -681,6 +703,7 @@ def pad_actions(action: np.ndarray) -> np.ndarray:
     out = np.zeros((action.shape[0], MAX_ACTION_DIM), np.float32)
     out[:, : action.shape[1]] = action
     return out
+
 
 def load_offline_episode(data_dir: Path, row: dict, expected_sha: str) -> dict:
     """One retrieved episode in replay format (reward zeros: the offline data has none), sha256-checked."""
@@ -701,17 +724,19 @@ def load_offline_episode(data_dir: Path, row: dict, expected_sha: str) -> dict:
             or action.shape[1] > MAX_ACTION_DIM):
         fail(f"episode file {path} has unexpected shapes: image {image.shape} {image.dtype}, action {action.shape} "
              f"(index says action dim {row.get('action_dim')})")
-    check_actions(action, path)
+    check_actions(path, action)
     return {"image": image, "action": pad_actions(action), "reward": np.zeros(len(image), np.float32),
             "is_first": is_first}
 
-def check_actions(action: np.ndarray, path: Path) -> None:
+
+def check_actions(path: Path, action: np.ndarray) -> None:
     """Actions must be finite and in [-1, 1]: a bad value would otherwise surface hours later, unnamed."""
     bad = ~np.isfinite(action) | (np.abs(action) > 1.0 + 1e-6)
     if bad.any():
         t, d = np.argwhere(bad)[0]
         fail(f"episode file {path} has an action outside [-1, 1] or not finite: action[{t}, {d}] = {action[t, d]} "
              f"({int(bad.sum())} such values); remove or re-collect that episode")
+
 
 class SequenceReplay:
     """Episodes in memory; samples uniform random windows of seq_len steps (every valid start equally likely)."""
@@ -746,13 +771,16 @@ class SequenceReplay:
         batch_["is_first"][:, 0] = True
         return batch_
 
+
 def replay_path(out_dir: Path, index: int) -> Path:
     return out_dir / "replay" / f"ep-{index:06d}.npz"
+
 
 def save_episode(path: Path, episode: dict) -> None:
     buf = io.BytesIO()
     np.savez_compressed(buf, **episode)
     write_atomic(path, buf.getvalue())
+
 
 def load_episode(path: Path) -> dict:
     """An online episode of this run's replay (for --resume), checked like the offline ones."""
@@ -762,7 +790,7 @@ def load_episode(path: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - missing, truncated or not an npz
         fail(f"replay episode {path} is missing or damaged ({type(e).__name__}: {e}); the run cannot resume "
              f"exactly: start it again in a new --out-dir")
-    check_actions(episode["action"], path)
+    check_actions(path, episode["action"])
     return episode
 
 # ----------------------------------------------------------------------------------------------------------
@@ -785,6 +813,7 @@ class PriorActor:
     @torch.no_grad()
     def act(self) -> torch.Tensor:
         return self.prior(torch.as_tensor(np.stack(self.frames), device=self.device)[None])[0].clamp(-1.0, 1.0)
+
 
 def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mode: bool = False,
                 prior: Optional[PriorActor] = None, prior_window: tuple = (0, 0), random_actions: bool = False,
@@ -831,6 +860,7 @@ def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mod
              "prior_steps": prior_steps}
     return episode, (stats, images if record else None)
 
+
 def evaluate(env, agent: Agent, episodes: int, max_steps: int, rng) -> tuple[dict, list]:
     stats, video = [], None
     for i in range(episodes):
@@ -852,6 +882,7 @@ def evaluate(env, agent: Agent, episodes: int, max_steps: int, rng) -> tuple[dic
 def fail(message: str):
     raise SystemExit(f"{SCRIPT}: error: {message}")
 
+
 def keep_freed_memory() -> bool:
     """glibc only: serve large tensors from the heap and never give freed memory back. By default each large
     allocation is a fresh mmap whose pages fault in zeroed on first touch; an update allocates gigabytes of
@@ -865,8 +896,10 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from malloc.h
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -875,9 +908,13 @@ def sha256_file(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+
+# ==== shared file helpers: identical copies live in all four stage scripts (tests keep them in sync) ====
 def write_atomic(path: Path, data: bytes) -> None:
     """Temporary file in the same directory, fsync, rename: readers never see a partial file. A failed write
-    removes its temporary file; a full disk is named as the cause."""
+    removes its temporary file and raises an OSError naming `path` (the caller turns a full disk into a
+    one-line error, see fail_on_full_disk)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -887,19 +924,44 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            fail(f"No space left on device while writing {path}; free some space and resume with --resume")
-        raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
-def sweep_temporary_files(directory: Path) -> None:
-    """Remove `*.tmp-<pid>` files that write_atomic left behind in a process that no longer runs."""
-    for tmp in directory.rglob("*.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1].split(".")[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            tmp.unlink(missing_ok=True)
 
 def write_json_atomic(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def sweep_stale_temporaries(*folders: Path) -> None:
+    """Remove the temporary files (<name>.tmp-<pid>[.ext]) left by processes that no longer run."""
+    for folder in folders:
+        for path in folder.glob("*.tmp-*"):
+            m = re.fullmatch(r".+\.tmp-(\d+)(\.\w+)?", path.name)
+            if m and path.is_file() and not pid_running(int(m.group(1))):
+                path.unlink(missing_ok=True)
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+# ==== end shared file helpers ====
+
+
+@contextlib.contextmanager
+def fail_on_full_disk():
+    """A full disk ends the run with a one-line error naming the file; the last checkpoint is kept."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and "
+             f"continue with --resume")
+
 
 def read_log_lines(path: Path) -> list:
     """The JSON lines of a log. A torn last line (a kill mid-write) is dropped; a bad line before it is an error."""
@@ -914,10 +976,12 @@ def read_log_lines(path: Path) -> list:
             fail(f"{path} line {i + 1} is not JSON; the log is damaged (remove that line to resume)")
     return lines
 
+
 def write_video(path: Path, frames: list) -> None:
     tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
     imageio.mimwrite(tmp, np.stack(frames), fps=30, macro_block_size=16)
     os.replace(tmp, path)
+
 
 def load_torch_file(path: Path, what: str, remedy: str) -> dict:
     """torch.load with weights_only=True (a shared file cannot run code); a damaged file is named, with a remedy."""
@@ -931,6 +995,7 @@ def load_torch_file(path: Path, what: str, remedy: str) -> dict:
         fail(f"{path} ({what}) does not hold a checkpoint dict; {remedy}")
     return obj
 
+
 def resolve_size(args: Args, wm_ckpt: Optional[dict]) -> str:
     if args.size is not None:
         return args.size
@@ -941,9 +1006,11 @@ def resolve_size(args: Args, wm_ckpt: Optional[dict]) -> str:
         fail(f"cannot tell the checkpoint's size ({size!r}); pass --size")
     return size
 
+
 def model_config_for(size: str) -> "ModelConfig":
     fields = set(ModelConfig.__dataclass_fields__)
     return ModelConfig(**{k: v for k, v in SIZES[size].items() if k in fields})
+
 
 def load_wm_checkpoint(path: Path) -> tuple[dict, str]:
     if not path.is_file():
@@ -955,6 +1022,7 @@ def load_wm_checkpoint(path: Path) -> tuple[dict, str]:
              f"(format_version={ckpt.get('format_version') if isinstance(ckpt, dict) else None})")
     return ckpt, sha
 
+
 def check_model_config(ckpt: dict, size: str, path: Path) -> "ModelConfig":
     want = asdict(model_config_for(size))
     got = dict(ckpt["model_config"])
@@ -963,6 +1031,7 @@ def check_model_config(ckpt: dict, size: str, path: Path) -> "ModelConfig":
         fail(f"checkpoint {path} holds a world model of another size than --size {size}: "
              + ", ".join(f"{k}: checkpoint {a} vs {size} {b}" for k, (a, b) in diff.items()))
     return ModelConfig(**got)
+
 
 def load_index(index_dir: Path, checkpoint_sha: str, checkpoint: Path):
     meta_path, faiss_path = index_dir / "index.json", index_dir / "index.faiss"
@@ -990,6 +1059,7 @@ def load_index(index_dir: Path, checkpoint_sha: str, checkpoint: Path):
         fail(f"{faiss_path} holds {index.ntotal} vectors but {meta_path} lists {len(meta['rows'])} episodes; {rebuild}")
     return index, meta
 
+
 def load_manifest(data_dir: Path, expected_sha: str) -> dict:
     path = data_dir / "manifest.json"
     if not path.is_file():
@@ -999,12 +1069,14 @@ def load_manifest(data_dir: Path, expected_sha: str) -> dict:
         fail(f"{path} differs from the manifest the index was built over (sha256 mismatch)")
     return json.loads(raw)  # its sha256 matches the one recorded at build time, so it parsed then
 
+
 def rng_state(np_rng: np.random.Generator) -> dict:
     state = {"numpy": json.dumps(np_rng.bit_generator.state), "python": json.dumps(random.getstate()),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
 
 def set_rng_state(state: dict, np_rng: np.random.Generator) -> None:
     np_rng.bit_generator.state = json.loads(state["numpy"])
@@ -1013,6 +1085,7 @@ def set_rng_state(state: dict, np_rng: np.random.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
 
 def save_checkpoint(path: Path, agent: Agent, prior: Optional[BCPrior], bc_opt_done: bool, counters: dict,
                     np_rng: np.random.Generator, args: Args, extra: dict) -> None:
@@ -1045,6 +1118,7 @@ def variant_name(args: Args) -> str:
         return "no-rehearsal" + ("-jsrl" if jsrl else "")
     return "jsrl" if jsrl else "gsa"
 
+
 @dataclass
 class Setup:
     """What main needs, read and checked before anything is written."""
@@ -1064,6 +1138,7 @@ class Setup:
     b_off: int
     use_guidance: bool
     use_rehearsal: bool
+
 
 def prepare(args: Args) -> Setup:
     """Validate every flag and read every upstream file (the run's checkpoint with --resume, the world model,
@@ -1118,6 +1193,7 @@ def prepare(args: Args) -> Setup:
     return Setup(out_dir, resume, device, wm_ckpt, wm_sha, size, cfg, index, meta, manifest, preset, B - b_off,
                  b_off, use_guidance, use_rehearsal)
 
+
 def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
     """The agent around the pretrained world model, whole (Sec. 3.3), or a fresh one (--no-pretrain)."""
     kl = (1.0, 0.1, 1.0)  # beta_dyn, beta_rep, free nats: pre-training's own (from its args when pretrained)
@@ -1132,6 +1208,7 @@ def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
     if setup.wm_ckpt is not None:
         agent.wm.load_state_dict(setup.wm_ckpt["model"], strict=True)
     return agent
+
 
 def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple:
     """Step 1 (Eq. 4): the k offline episodes whose first frames are nearest to the task's reset frames, of the
@@ -1165,6 +1242,7 @@ def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple
         fail(f"no retrieved episode has {L} steps (--seq-len)")
     return offline, pairs
 
+
 def retrieval_summary(args: Args, pairs: list, action_dim: int) -> dict:
     """What D_r is made of: counts by embodiment and by source task, and every episode with its distance."""
     by_embodiment = dict(Counter(row["embodiment"] for row, _ in pairs))
@@ -1173,6 +1251,7 @@ def retrieval_summary(args: Args, pairs: list, action_dim: int) -> dict:
             "by_source_task": dict(Counter(f"{row['embodiment']}/{row.get('task')}" for row, _ in pairs)),
             "episodes": [{"path": row["path"], "embodiment": row["embodiment"], "task": row.get("task"),
                           "distance": dist} for row, dist in pairs]}
+
 
 def train_prior(args: Args, setup: Setup, offline: SequenceReplay, action_dim: int, np_rng, writer) -> BCPrior:
     """Step 2: behaviour-clone pi_bc on D_r (or reload it on resume)."""
@@ -1190,6 +1269,7 @@ def train_prior(args: Args, setup: Setup, offline: SequenceReplay, action_dim: i
         print(f"[bc] done in {time.time() - t0:.0f}s; kept the weights of step {curve['best_step']}")
     return prior.eval()
 
+
 def restore(setup: Setup, agent: Agent, np_rng, online: SequenceReplay, counters: dict) -> None:
     """Everything of a resumed run but the simulator: weights, optimisers, return normalisation, RNG states and
     the online replay (reread from its episode files)."""
@@ -1204,6 +1284,7 @@ def restore(setup: Setup, agent: Agent, np_rng, online: SequenceReplay, counters
         online.add(load_episode(replay_path(setup.out_dir, i)))
     print(f"[finetune] resumed at {counters['env_frames']} frames, {counters['episodes']} episodes, "
           f"{counters['updates']} updates")
+
 
 class RunLogs:
     """TensorBoard plus three JSON-lines logs: metrics.jsonl (evaluations), train.jsonl (mean losses of each
@@ -1232,6 +1313,7 @@ class RunLogs:
             f.close()
         self.tb.close()
 
+
 def train_updates(agent: Agent, online: SequenceReplay, offline: Optional[SequenceReplay], setup: Setup,
                   counters: dict, np_rng) -> dict:
     """Step 4: the updates now due at the train ratio, counted from where training started. Each batch is
@@ -1250,6 +1332,8 @@ def train_updates(agent: Agent, online: SequenceReplay, offline: Optional[Sequen
         counters["updates"] += 1
     return {key: value / due for key, value in summed.items()} | ({"updates_this_episode": due} if due > 0 else {})
 
+
+@fail_on_full_disk()
 def main(args: Args) -> None:
     wall0 = time.time()
     setup = prepare(args)
@@ -1287,7 +1371,7 @@ def main(args: Args) -> None:
 
     # The run directory, written only now: every input has been checked.
     if out_dir.is_dir():
-        sweep_temporary_files(out_dir)
+        sweep_stale_temporaries(out_dir, out_dir / "replay", out_dir / "videos")
     (out_dir / "replay").mkdir(parents=True, exist_ok=True)
     (out_dir / "videos").mkdir(exist_ok=True)
     write_json_atomic(out_dir / "args.json", {**asdict(args), "resolved_size": setup.size, "resolved": preset,

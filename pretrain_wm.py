@@ -7,6 +7,8 @@ Reads:  <data-dir>/manifest.json and the episode .npz files it lists (collect_of
 Writes: <out-dir>/wm.pt (checkpoint: model, optimiser, step, RNG, args, model config, manifest hash),
         <out-dir>/args.json, <out-dir>/metrics.jsonl, <out-dir>/tb/ (TensorBoard),
         <out-dir>/videos/openloop-<embodiment>-<step>.gif (5 context frames, then imagination | truth).
+Every flag's range (ARG_RANGES), the manifest and a resumed checkpoint are checked before anything is written;
+each episode is checked when it is loaded (sha256, shapes, finite actions in [-1, 1]), naming the file.
 
 Example:
     python pretrain_wm.py --data-dir data --out-dir runs/wm --embodiments all --size xs --steps 20000
@@ -17,11 +19,15 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")  # no rendering here, but keep the stage scripts uniform
 
 import contextlib
+import ctypes
+import dataclasses
+import errno
 import hashlib
 import io
 import json
 import math
 import random
+import re
 import resource
 import sys
 import threading
@@ -41,8 +47,9 @@ EMBODIMENTS = ("cartpole", "acrobot", "walker", "cheetah", "quadruped", "sawyer"
 ACTION_DIMS = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
 MAX_ACTION_DIM = 12
 MANIFEST_FORMAT_VERSION = 1
+ACTION_TOLERANCE = 1e-6  # stored actions may exceed [-1, 1] by float rounding, no more
 CHECKPOINT_FORMAT_VERSION = 1
-PROG = "pretrain_wm.py"
+SCRIPT = "pretrain_wm.py"
 
 
 @dataclass
@@ -111,14 +118,55 @@ RUN_DEFINING = ("embodiments", "size", "seed", "batch_size", "seq_len", "lr", "a
                 "holdout_fraction")
 """Args that must match when resuming (others, e.g. --steps or logging intervals, may change)."""
 
+# Valid range of every numeric flag, (low, high) inclusive, None = unbounded; checked by check_ranges before
+# anything is written. tests/ check that every int/float field of Args has an entry.
+ARG_RANGES = {
+    "seed": (0, 2**32 - 1),  # numpy's seed range
+    "steps": (0, None),  # 0: save and evaluate the initial model
+    "batch_size": (1, None),
+    "seq_len": (1, None),
+    "lr": (1e-10, None),
+    "adam_eps": (1e-12, None),
+    "weight_decay": (0.0, None),
+    "grad_clip": (1e-8, None),
+    "dyn_scale": (0.0, None),
+    "rep_scale": (0.0, None),
+    "free_nats": (0.0, None),
+    "pool_mb": (1.0, None),
+    "pool_swaps_per_step": (0.0, None),
+    "holdout_fraction": (0.0, 1.0),  # never all of an embodiment's episodes (see split_holdout)
+    "eval_episodes": (1, None),
+    "openloop_len": (6, None),  # 5 context frames, then at least one imagined
+    "eval_every": (1, None),
+    "checkpoint_every": (1, None),
+    "log_every": (1, None),
+    "threads": (1, None),
+}
+
+
+def check_ranges(args) -> None:
+    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
+            continue
+        low, high = ARG_RANGES[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+            fail(f"{flag} must be {valid}, got {value}")
+
 
 def fail(message: str):
-    raise SystemExit(f"{PROG}: error: {message}")
+    raise SystemExit(f"{SCRIPT}: error: {message}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: manifest validation, episode loading (sha256-checked), a bounded episode pool refreshed from disk
 # ---------------------------------------------------------------------------------------------------------
+
 def parse_embodiments(spec: str) -> Optional[list]:
     """Embodiment names in canonical order; None for `all` (= every embodiment present in the data)."""
     if spec == "all":
@@ -211,10 +259,20 @@ def load_episode(data_dir: Path, row: dict, max_frames: Optional[int] = None) ->
         fail(f"episode {path}: image must be uint8 [{T1}, 64, 64, 3], got {image.dtype} {list(image.shape)}")
     if action.shape != (T1, adim) or is_first.shape != (T1,):
         fail(f"episode {path}: action must be [{T1}, {adim}] and is_first [{T1}]")
+    check_actions(path, action)
     n = T1 if max_frames is None else min(T1, max_frames)
     padded = np.zeros((n, MAX_ACTION_DIM), np.float32)
     padded[:, :adim] = action[:n]
     return {"image": np.ascontiguousarray(image[:n]), "action": padded, "is_first": is_first[:n].astype(bool)}
+
+
+def check_actions(path: Path, action: np.ndarray) -> None:
+    """Fail naming the file unless every action is finite and in [-1, 1] (what collect_offline.py writes)."""
+    bad = ~np.isfinite(action) | (np.abs(action) > 1 + ACTION_TOLERANCE)
+    if bad.any():
+        t, i = (int(x) for x in np.argwhere(bad)[0])
+        fail(f"episode {path}: action[{t}, {i}] = {float(action[t, i])} is not a finite number in [-1, 1] "
+             f"({int(bad.sum())} such values); recollect or drop this episode")
 
 
 class EpisodePool:
@@ -261,6 +319,9 @@ class EpisodePool:
         else:
             self.rng.bit_generator.state = state["rng"]
             self.slot_ids, self.queue = list(state["slot_ids"]), list(state["queue"])
+            if len(self.slot_ids) != self.slots or not all(0 <= i < len(self.rows) for i in self.slot_ids + self.queue):
+                raise ValueError(f"the saved pool of {len(self.slot_ids)} episodes does not fit this one of "
+                                 f"{self.slots} slots over {len(self.rows)} episodes")
         self.episodes = [load_episode(self.data_dir, self.rows[i]) for i in self.slot_ids]
         if self.swaps_per_step > 0:
             self._thread = threading.Thread(target=self._prefetch_loop, daemon=True)
@@ -287,7 +348,7 @@ class EpisodePool:
                 ep = load_episode(self.data_dir, self.rows[todo])
             except BaseException as e:  # handed to the training thread, which exits with the message
                 ep = e if isinstance(e, SystemExit) else SystemExit(
-                    f"{PROG}: error: loading {self.rows[todo]['path']} failed: {e!r}")
+                    f"{SCRIPT}: error: loading {self.rows[todo]['path']} failed: {e!r}")
             with self._cond:
                 self._cache[todo] = ep
                 self._cond.notify_all()
@@ -667,20 +728,18 @@ SIZES = {
 }
 
 
-def tune_cpu_malloc() -> bool:
-    """Keep freed memory in the process (glibc): by default every large tensor is a fresh mmap whose pages
-    are zero-faulted on first touch, which made element-wise ops on CNN feature maps ~5x slower than the
-    arithmetic. Setting the mmap threshold to 1 GiB and never trimming the heap removes that cost."""
+def keep_freed_memory() -> bool:
+    """glibc only: serve large tensors from the heap and never give freed memory back. By default each large
+    allocation is a fresh mmap whose pages fault in zeroed on first touch; an update allocates gigabytes of
+    activations, and this setting makes it ~10% cheaper on CPU. Returns whether it took effect."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc (e.g. musl): harmless to skip
+    except OSError:
         return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def size_config(size: str) -> ModelConfig:
@@ -690,6 +749,7 @@ def size_config(size: str) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------------------
 # One update, open-loop evaluation
 # ---------------------------------------------------------------------------------------------------------
+
 class _LossModule(nn.Module):
     """DDP synchronises gradients of what runs inside forward(); this routes forward() to WorldModel.loss."""
 
@@ -768,22 +828,69 @@ def openloop_eval(world_model: WorldModel, clips: dict, device: torch.device, co
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoint and artifact I/O
 # ---------------------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def atomic_torch_save(obj, path: Path):
+# ==== shared file helpers: identical copies live in all four stage scripts (tests keep them in sync) ====
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, fsync, rename: readers never see a partial file. A failed write
+    removes its temporary file and raises an OSError naming `path` (the caller turns a full disk into a
+    one-line error, see fail_on_full_disk)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def sweep_stale_temporaries(*folders: Path) -> None:
+    """Remove the temporary files (<name>.tmp-<pid>[.ext]) left by processes that no longer run."""
+    for folder in folders:
+        for path in folder.glob("*.tmp-*"):
+            m = re.fullmatch(r".+\.tmp-(\d+)(\.\w+)?", path.name)
+            if m and path.is_file() and not pid_running(int(m.group(1))):
+                path.unlink(missing_ok=True)
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+# ==== end shared file helpers ====
+
+
+def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
+    """Fail unless `path` is a directory or can be made one (no regular file in the way)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                fail(f"{flag} {path}: {p} is not a directory")
+            return
+
+
+@contextlib.contextmanager
+def fail_on_full_disk():
+    """A full disk ends the run with a one-line error naming the file; the last checkpoint is kept."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and re-run "
+             f"the same command with --resume")
 
 
 def rng_state(device: torch.device) -> dict:
@@ -812,37 +919,70 @@ def _py(obj):
     return obj
 
 
+def first_sentence(e: BaseException) -> str:
+    """The start of an exception's message (torch's run to many lines)."""
+    return f"{type(e).__name__}: " + re.split(r"(?<=\.)\s|\n", str(e).strip(), maxsplit=1)[0][:200]
+
+
+def damaged_checkpoint(path: Path, e: BaseException):
+    fail(f"checkpoint {path} is damaged ({first_sentence(e)}); delete it to start this run over, or put back "
+         f"a good copy and resume")
+
+
 def load_checkpoint(path: Path) -> dict:
+    """The checkpoint at `path`, its fields checked; a damaged or foreign file is an error naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot load checkpoint {path}: {e}")
+    except Exception as e:  # noqa: BLE001 (truncated, random bytes, a pickle with code: all a damaged file)
+        damaged_checkpoint(path, e)
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION \
-            or ckpt.get("script") != PROG:
-        fail(f"{path} is not a {PROG} checkpoint of format version {CHECKPOINT_FORMAT_VERSION}")
+            or ckpt.get("script") != SCRIPT:
+        fail(f"{path} is not a {SCRIPT} checkpoint of format version {CHECKPOINT_FORMAT_VERSION}; choose "
+             f"another --out-dir")
+    fields = {"args": dict, "model_config": dict, "model": dict, "optimizer": dict, "step": int, "rng": dict,
+              "embodiments": list, "manifest_sha256": str}
+    wrong = [k for k, kind in fields.items() if not isinstance(ckpt.get(k), kind)]
+    if wrong:
+        damaged_checkpoint(path, KeyError(f"missing or mistyped {', '.join(wrong)}"))
     return ckpt
 
 
-def trim_metrics(path: Path, last_step: int):
-    """On resume, drop metric lines written after the checkpoint we continue from (they will be redone)."""
+@contextlib.contextmanager
+def restoring_from(path: Path):
+    """Restoring state from a checkpoint whose fields do not fit is an error naming the file."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        damaged_checkpoint(path, e)
+
+
+def trim_metrics(path: Path, last_step: int) -> list:
+    """On resume, drop the metric rows written after the checkpoint we continue from (they will be redone) and
+    the torn last line of a killed run; returns the rows kept."""
     if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
+        return []
+    lines, kept = path.read_text().splitlines(), []
+    for i, line in enumerate(lines):
         try:
-            if json.loads(line).get("step", 0) <= last_step:
-                keep.append(line)
+            row = json.loads(line)
         except json.JSONDecodeError:
-            break  # a torn last line from a kill
-    atomic_write_bytes(path, "".join(x + "\n" for x in keep).encode())
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            if i == len(lines) - 1:
+                break  # a torn last line from a kill
+            fail(f"{path} line {i + 1} is not a metrics row; delete that line, then resume")
+        if row["step"] <= last_step:
+            kept.append((line, row))
+    write_atomic(path, "".join(line + "\n" for line, _ in kept).encode())
+    return [row for _, row in kept]
 
 
 def write_video(path: Path, frames: np.ndarray):
     import imageio.v2 as imageio
 
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    imageio.mimsave(tmp, list(frames), duration=100, loop=0)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    imageio.mimsave(buf, list(frames), format="gif", duration=100, loop=0)
+    write_atomic(path, buf.getvalue())
 
 
 def max_rss_mb() -> float:
@@ -852,7 +992,10 @@ def max_rss_mb() -> float:
 # ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
+
+@fail_on_full_disk()
 def main(args: Args):
+    check_ranges(args)
     # -- distributed set-up (torchrun sets these variables) ------------------------------------------------
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -863,22 +1006,17 @@ def main(args: Args):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not use_cuda:
-        tune_cpu_malloc()
+        keep_freed_memory()
     is_main = rank == 0
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
 
     # -- validate everything before writing anything ------------------------------------------------------
-    if args.steps < 0 or args.log_every < 1 or args.checkpoint_every < 1 or args.eval_every < 1:
-        fail("--steps must be >= 0 and --log-every/--checkpoint-every/--eval-every >= 1")
-    if not 0 <= args.holdout_fraction < 1 or args.pool_swaps_per_step < 0 or args.pool_mb <= 0:
-        fail("need 0 <= --holdout-fraction < 1, --pool-swaps-per-step >= 0, --pool-mb > 0")
     embodiments = parse_embodiments(args.embodiments)
     data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
+    check_out_dir(out_dir)
     cfg = size_config(args.size)
-    batch_size = args.batch_size or SIZES[args.size]["batch_size"]
-    seq_len = args.seq_len or SIZES[args.size]["seq_len"]
-    if args.openloop_len <= 5:
-        fail("--openloop-len must exceed the 5 context frames")
+    batch_size = SIZES[args.size]["batch_size"] if args.batch_size is None else args.batch_size
+    seq_len = SIZES[args.size]["seq_len"] if args.seq_len is None else args.seq_len
     _, manifest_sha, rows, embodiments = load_manifest(data_dir, embodiments)
     ckpt_path = out_dir / "wm.pt"
     ckpt = None
@@ -912,32 +1050,33 @@ def main(args: Args):
         if n <= 5:
             fail(f"{emb} episodes are too short for open-loop evaluation")
         clips[emb] = {k: np.stack([e[k][:n] for e in eps]) for k in ("image", "action", "is_first")}
-    pool_state = None
-    if ckpt is not None:
-        ranks = ckpt["rng"].get("ranks", [])
-        if len(ranks) == world_size:
-            pool_state = ranks[rank]["pool"]
-    pool.fill(pool_state)
+    if ckpt is None:
+        pool.fill()
+    else:
+        with restoring_from(ckpt_path):
+            ranks = ckpt["rng"].get("ranks", [])
+            pool.fill(ranks[rank]["pool"] if len(ranks) == world_size else None)
 
     # -- model and optimiser --------------------------------------------------------------------------------
     world_model = WorldModel(cfg).to(device)
     n_params = sum(p.numel() for p in world_model.parameters())
     optimizer = torch.optim.Adam(world_model.parameters(), lr=args.lr, eps=args.adam_eps,
                                  weight_decay=args.weight_decay, fused=True)  # fused: one kernel, CPU and GPU
-    step = 0
+    step, saved_step = 0, None  # saved_step: the update of the checkpoint in ckpt_path, if any
     if ckpt is not None:
-        world_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = int(ckpt["step"])
-        ranks = ckpt["rng"].get("ranks", [])
-        if len(ranks) == world_size:
-            r = ranks[rank]
-            set_rng_state({"python": _py(r["python"]), "numpy": r["numpy"], "torch": r["torch"],
-                           **({"cuda": r["cuda"]} if "cuda" in r else {})}, device)
-        else:
-            log(f"note: resuming with {world_size} processes from a {len(ranks)}-process checkpoint; "
-                f"data sampling is re-seeded")
-            torch.manual_seed(args.seed + 7919 * (step + rank))
+        with restoring_from(ckpt_path):
+            world_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            step = saved_step = ckpt["step"]
+            ranks = ckpt["rng"].get("ranks", [])
+            if len(ranks) == world_size:
+                r = ranks[rank]
+                set_rng_state({"python": _py(r["python"]), "numpy": r["numpy"], "torch": r["torch"],
+                               **({"cuda": r["cuda"]} if "cuda" in r else {})}, device)
+            else:
+                log(f"note: resuming with {world_size} processes from a {len(ranks)}-process checkpoint; "
+                    f"data sampling is re-seeded")
+                torch.manual_seed(args.seed + 7919 * (step + rank))
     else:
         torch.manual_seed(args.seed + rank)  # latent sampling differs across ranks
     model = world_model
@@ -952,24 +1091,28 @@ def main(args: Args):
     autocast_dtype = torch.bfloat16 if bf16 else None
 
     # -- outputs (rank 0 only) -------------------------------------------------------------------------------
-    writer = None
+    writer, evaluated_at = None, None  # evaluated_at: the update of the last open-loop evaluation logged
     if is_main:
         (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "args.json", json.dumps(asdict(args), indent=2).encode())
+        sweep_stale_temporaries(out_dir, out_dir / "videos")
+        write_json_atomic(out_dir / "args.json", asdict(args))
         if ckpt is not None:
-            trim_metrics(out_dir / "metrics.jsonl", step)
+            kept = trim_metrics(out_dir / "metrics.jsonl", step)
+            evaluated_at = max((r["step"] for r in kept if any(k.startswith("openloop_mse/") for k in r)),
+                               default=None)
         elif (out_dir / "metrics.jsonl").exists():
             (out_dir / "metrics.jsonl").unlink()  # left by a run killed before its first checkpoint
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tb"))
     metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
-    log(f"{PROG}: {args.size} world model, {n_params / 1e6:.2f}M parameters; embodiments {embodiments}; "
+    log(f"{SCRIPT}: {args.size} world model, {n_params / 1e6:.2f}M parameters; embodiments {embodiments}; "
         f"{len(train_rows)} train / {sum(len(v) for v in held_rows.values())} held-out episodes; pool "
         f"{pool.slots} episodes; batch {batch_size} x {seq_len} x {world_size} process(es); device {device} "
         f"({'bf16 autocast' if autocast_dtype is not None else 'fp32'}); step {step}/{args.steps}")
 
     def save_checkpoint():
+        nonlocal saved_step
         states = {**rng_state(device), "pool": pool.state()}
         if world_size > 1:
             gathered = [None] * world_size
@@ -977,13 +1120,17 @@ def main(args: Args):
         else:
             gathered = [states]
         if is_main:
-            atomic_torch_save({
-                "format_version": CHECKPOINT_FORMAT_VERSION, "script": PROG, "args": asdict(args),
+            buf = io.BytesIO()
+            torch.save({
+                "format_version": CHECKPOINT_FORMAT_VERSION, "script": SCRIPT, "args": asdict(args),
                 "model_config": asdict(cfg), "model": world_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step, "rng": {"ranks": gathered},
-                "embodiments": embodiments, "manifest_sha256": manifest_sha}, ckpt_path)
+                "embodiments": embodiments, "manifest_sha256": manifest_sha}, buf)
+            write_atomic(ckpt_path, buf.getbuffer())  # a view, not a copy, of a possibly large buffer
+        saved_step = step
 
     def evaluate():
+        nonlocal evaluated_at
         if not is_main:
             return
         world_model.eval()
@@ -998,6 +1145,7 @@ def main(args: Args):
                 writer.add_scalar(k, v, step)
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
+        evaluated_at = step
         log(f"step {step}: open-loop MSE (repeat-last-frame baseline) "
             + ", ".join(f"{e} {v['model']:.5f} ({v['copy']:.5f})" for e, v in mse.items()))
 
@@ -1011,8 +1159,8 @@ def main(args: Args):
             metrics = train_step(model, optimizer, batch, args, autocast_dtype)
             bad = metrics.pop("nonfinite", None)
             if bad:
-                kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file()
-                        else "no checkpoint was written yet")
+                kept = ("no checkpoint was written yet" if saved_step is None
+                        else f"the checkpoint {ckpt_path} of update {saved_step} is kept")
                 fail(f"non-finite {bad} at update {step + 1} (loss {float(metrics['loss'])}, gradient norm "
                      f"{float(metrics.get('grad_norm', float('nan')))}); stopped before the weights changed; {kept}")
             step += 1
@@ -1037,13 +1185,16 @@ def main(args: Args):
                         f"rss {record['max_rss_mb']:.0f} MB")
             if step < args.steps and (step % args.checkpoint_every == 0 or step % args.eval_every == 0):
                 t_pause = time.perf_counter()
-                if step % args.checkpoint_every == 0:
-                    save_checkpoint()
+                # Evaluate first: a checkpoint then implies its update's evaluation is logged (resume keeps it).
                 if step % args.eval_every == 0:
                     evaluate()
+                if step % args.checkpoint_every == 0:
+                    save_checkpoint()
                 t_last += time.perf_counter() - t_pause  # steps/s counts training time only
-        save_checkpoint()
-        evaluate()
+        if evaluated_at != step:  # not when resuming a finished run, whose last evaluation is logged
+            evaluate()
+        if saved_step != step:
+            save_checkpoint()
         if world_size > 1:
             # gloo's worker thread frees the last all_gather_object's tensors, which needs the GIL; freeing the
             # DDP reducer (and its process group, whose destructor joins that thread) at interpreter exit,
@@ -1058,7 +1209,7 @@ def main(args: Args):
             writer.close()
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    log(f"{PROG}: done, {step} updates; checkpoint {ckpt_path}")
+    log(f"{SCRIPT}: done, {step} updates; checkpoint {ckpt_path}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Annotated, Literal, Optional
 import numpy as np
 import tyro
 
-PROG = "report.py"
+SCRIPT = "report.py"
 
 
 @dataclass
@@ -75,7 +75,7 @@ PAPER_MEAN_SCORE = {"dmc": (63.1, 32.1), "metaworld": (75.0, 36.0)}  # mean over
 
 
 def fail(message: str) -> None:
-    raise SystemExit(f"{PROG}: error: {message}")
+    raise SystemExit(f"{SCRIPT}: error: {message}")
 
 
 def is_metaworld(task: str) -> bool:

@@ -7,12 +7,15 @@ episodes (score of an episode = min L2 distance over the query frames), optional
 dim matches the task's: this is the retrieved set D_r that fine-tuning rehearses and clones its prior from.
 
 Reads:  build: <checkpoint> (pretrain_wm.py's wm.pt; only its `encoder.*` weights), <data-dir>/manifest.json
-        and the first frame of every episode .npz it lists (sha256 checked against the manifest).
+        and the first frame and actions of every episode .npz it lists (sha256 checked against the manifest,
+        actions finite and in [-1, 1]).
         query: <index-dir>/index.faiss + index.json, the same checkpoint (sha256 checked), and for the grid
         image the first frames of the retrieved episodes from the data dir recorded at build time.
-Writes: build: <out-dir>/index.faiss (faiss.write_index) and <out-dir>/index.json (rows, hashes, settings).
+Writes: build: <out-dir>/index.faiss (faiss.serialize_index: what faiss.read_index reads) and
+        <out-dir>/index.json (rows, hashes, settings).
         query: <out> (default <index-dir>/query-<task>.png): query frames beside the retrieved first frames
         (green border: same embodiment as the task, red: other), and <out> with suffix .json: the results.
+Every flag's range (ARG_RANGES) and every input is checked before anything is written; a damaged file is named.
 
 Examples:
     python retrieval.py build --checkpoint runs/wm/wm.pt --data-dir data --out-dir runs/index
@@ -23,12 +26,17 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede mujoco / dm_control imports
 
+import contextlib
+import dataclasses
+import errno
 import hashlib
 import io
 import json
 import math
+import re
 import time
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,9 +49,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-PROG = "retrieval.py"
+SCRIPT = "retrieval.py"
 FORMAT_VERSION = 1
 INDEX_FILE, META_FILE = "index.faiss", "index.json"
+ACTION_TOLERANCE = 1e-6  # stored actions may exceed [-1, 1] by float rounding, no more
 EMBODIMENTS = ("cartpole", "acrobot", "walker", "cheetah", "quadruped", "sawyer")
 ACTION_DIMS = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
 # The 22 DMControl tasks of the paper and the 50 Meta-World v3 tasks (DESIGN.md §2).
@@ -88,8 +97,8 @@ class BuildArgs:
     """torch and Faiss CPU threads (default: the libraries' choice); set it when other processes share the cores"""
     index_type: Literal["flat", "ivf"] = "flat"
     """flat: exact L2 search (IndexFlatL2, as released); ivf: approximate, for very large datasets"""
-    nlist: int = 0
-    """IVF clusters (0: round(sqrt(episodes))); only with --index-type ivf"""
+    nlist: Optional[int] = None
+    """IVF clusters (default: round(sqrt(episodes))); only with --index-type ivf"""
     nprobe: int = 16
     """IVF clusters visited per query, stored in the index; only with --index-type ivf"""
     batch_size: int = 64
@@ -132,13 +141,43 @@ class QueryArgs:
     """grid image path (PNG); the results go beside it as .json (default: <index-dir>/query-<task>.png)"""
 
 
+# Valid range of every numeric flag of BuildArgs and QueryArgs, (low, high) inclusive, None = unbounded;
+# checked by check_ranges before anything is written. tests/ check that every int/float field has an entry.
+ARG_RANGES = {
+    "seed": (0, 2**31 - 1),  # Faiss's k-means takes a C int; the query env's seed + QUERY_SEED_OFFSET < 2**32
+    "threads": (1, None),
+    "nlist": (1, None),
+    "nprobe": (1, None),
+    "batch_size": (1, None),
+    "k": (1, None),
+    "query_resets": (1, None),
+    "action_dim": (1, 12),  # the world model's padded action size
+    "grid": (0, None),  # 0: no grid image
+}
+
+
+def check_ranges(args) -> None:
+    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
+            continue
+        low, high = ARG_RANGES[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+            fail(f"{flag} must be {valid}, got {value}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Helpers: errors, hashing, atomic writes, tasks and reset frames
 # ----------------------------------------------------------------------------------------------------------
 
 def fail(message: str) -> None:
     """User error: message on stderr, exit status 1, nothing written."""
-    raise SystemExit(f"{PROG}: error: {message}")
+    raise SystemExit(f"{SCRIPT}: error: {message}")
 
 
 def sha256_file(path: Path) -> str:
@@ -149,21 +188,72 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_replace(tmp: Path, final: Path) -> None:
-    """Flush a finished temporary file to disk, then atomically move it into place."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+# ==== shared file helpers: identical copies live in all four stage scripts (tests keep them in sync) ====
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, fsync, rename: readers never see a partial file. A failed write
+    removes its temporary file and raises an OSError naming `path` (the caller turns a full disk into a
+    one-line error, see fail_on_full_disk)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    fsync_replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def sweep_stale_temporaries(*folders: Path) -> None:
+    """Remove the temporary files (<name>.tmp-<pid>[.ext]) left by processes that no longer run."""
+    for folder in folders:
+        for path in folder.glob("*.tmp-*"):
+            m = re.fullmatch(r".+\.tmp-(\d+)(\.\w+)?", path.name)
+            if m and path.is_file() and not pid_running(int(m.group(1))):
+                path.unlink(missing_ok=True)
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+# ==== end shared file helpers ====
+
+
+def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
+    """Fail unless `path` is a directory or can be made one (no regular file in the way)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                fail(f"{flag} {path}: {p} is not a directory")
+            return
+
+
+@contextlib.contextmanager
+def fail_on_full_disk():
+    """A full disk ends the run with a one-line error naming the file; an existing index stays intact."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and re-run "
+             f"the same command")
+
+
+def first_sentence(e: BaseException) -> str:
+    """The start of an exception's message (torch's and Faiss's run to many lines)."""
+    return f"{type(e).__name__}: " + re.split(r"(?<=\.)\s|\n", str(e).strip(), maxsplit=1)[0][:200]
 
 
 def task_embodiment(task: str) -> str:
@@ -386,27 +476,26 @@ def load_encoder(checkpoint: Path, device: str, expected_sha256: Optional[str] =
         fail(f"the index was built with the encoder of a checkpoint with sha256 {expected_sha256[:16]}..., "
              f"but {checkpoint} has sha256 {sha[:16]}...; rebuild the index with this checkpoint "
              f"(retrieval.py build --overwrite ...) or pass the checkpoint it was built with")
+    redo = "re-run pretrain_wm.py to write it again, or pass a good --checkpoint"
     try:  # mmap: only the encoder's tensors are read from a large checkpoint
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 (corrupt file, pickle with code, not a torch file: all user errors)
-        fail(f"cannot load checkpoint {checkpoint}: {type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 (truncated, random bytes, a pickle with code: all a damaged file)
+        fail(f"checkpoint {checkpoint} is damaged or not a torch file ({first_sentence(e)}); {redo}")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "model_config" not in ckpt:
-        fail(f"{checkpoint} is not a pretrain_wm.py checkpoint (no 'model' / 'model_config')")
+        fail(f"{checkpoint} is not a pretrain_wm.py checkpoint (no 'model' / 'model_config'); {redo}")
     if ckpt.get("format_version") != FORMAT_VERSION:
         fail(f"{checkpoint} has format_version {ckpt.get('format_version')!r}, this script reads "
              f"{FORMAT_VERSION}")
-    try:
-        cfg = ModelConfig(**ckpt["model_config"])
-    except TypeError as e:
-        fail(f"{checkpoint}: model_config does not match this script's ModelConfig: {e}")
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     if not state:
-        fail(f"{checkpoint} has no encoder weights (no 'encoder.*' keys in 'model')")
-    encoder = Encoder(cfg)
+        fail(f"{checkpoint} has no encoder weights (no 'encoder.*' keys in 'model'); {redo}")
     try:
+        cfg = ModelConfig(**ckpt["model_config"])
+        encoder = Encoder(cfg)
         encoder.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        fail(f"{checkpoint}: encoder weights do not fit this script's Encoder: {e}")
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown config fields, odd sizes, mismatched weights
+        fail(f"{checkpoint}: its model_config and encoder weights do not build this script's Encoder "
+             f"({first_sentence(e)}); {redo}")
     return encoder.to(device).eval(), cfg, sha
 
 
@@ -444,10 +533,11 @@ def load_manifest(data_dir: Path):
 
 
 def read_first_frame(data_dir: Path, episode: dict, image_size: int) -> np.ndarray:
-    """First image of an episode file, uint8 [H, W, 3], after checking the file's sha256.
+    """First image of an episode file, uint8 [H, W, 3], after checking the file's sha256 and its actions.
 
     Only the start of the compressed 'image' member is inflated (header + one frame): about 0.2 ms
-    instead of about 14 ms for np.load of a whole 501-frame DMC episode.
+    instead of about 14 ms for np.load of a whole 501-frame DMC episode. The small 'action' member is read
+    whole, so that bad numbers are reported here, naming the file, rather than found in fine-tuning.
     """
     path = data_dir / episode["path"]
     if not path.is_file():
@@ -456,28 +546,41 @@ def read_first_frame(data_dir: Path, episode: dict, image_size: int) -> np.ndarr
     if hashlib.sha256(raw).hexdigest() != episode["sha256"]:
         fail(f"episode file {path} is corrupt: its sha256 differs from the manifest's")
     try:
-        with zipfile.ZipFile(io.BytesIO(raw)) as npz, npz.open("image.npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version not in ((1, 0), (2, 0)):
-                raise ValueError(f"unsupported .npy format version {version}")
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(f)
-            expected = (image_size, image_size, 3)
-            if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1:] != expected or shape[0] < 1:
-                raise ValueError(f"'image' must be uint8 [T+1, {image_size}, {image_size}, 3] (C order), got "
-                                 f"{dtype} {list(shape)}")
-            frame = np.frombuffer(f.read(math.prod(expected)), np.uint8)
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:  # no 'image', bad header, bad zip
-        fail(f"cannot read the first frame of episode file {path}: {type(e).__name__}: {e}")
+        with zipfile.ZipFile(io.BytesIO(raw)) as npz:
+            with npz.open("image.npy") as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"unsupported .npy format version {version}")
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran_order, dtype = read_header(f)
+                expected = (image_size, image_size, 3)
+                if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1:] != expected or shape[0] < 1:
+                    raise ValueError(f"'image' must be uint8 [T+1, {image_size}, {image_size}, 3] (C order), got "
+                                     f"{dtype} {list(shape)}")
+                frame = np.frombuffer(f.read(math.prod(expected)), np.uint8)
+            with npz.open("action.npy") as f:
+                action = np.lib.format.read_array(f, allow_pickle=False)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, zlib.error) as e:  # no member, bad header or zip
+        fail(f"cannot read the first frame and actions of episode file {path}: {type(e).__name__}: {e}")
+    check_actions(path, action)
     return frame.reshape(expected).copy()
 
 
-def make_index(features_dim: int, index_type: str, num_rows: int, nlist: int, nprobe: int):
+def check_actions(path: Path, action: np.ndarray) -> None:
+    """Fail naming the file unless every action is finite and in [-1, 1] (what collect_offline.py writes)."""
+    bad = ~np.isfinite(action) | (np.abs(action) > 1 + ACTION_TOLERANCE)
+    if bad.any():
+        t, i = (int(x) for x in np.argwhere(bad)[0])
+        fail(f"episode {path}: action[{t}, {i}] = {float(action[t, i])} is not a finite number in [-1, 1] "
+             f"({int(bad.sum())} such values); recollect or drop this episode")
+
+
+def make_index(features_dim: int, index_type: str, num_rows: int, nlist: Optional[int], nprobe: int):
     """(empty Faiss index, its name for the sidecar). IVF still needs training (see build)."""
     if index_type == "flat":
         return faiss.IndexFlatL2(features_dim), "flat"
-    nlist = nlist or max(1, round(math.sqrt(num_rows)))
+    nlist = max(1, round(math.sqrt(num_rows))) if nlist is None else nlist
     if nlist > num_rows:
         fail(f"--nlist {nlist} exceeds the number of episodes ({num_rows})")
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(features_dim), features_dim, nlist, faiss.METRIC_L2)
@@ -491,19 +594,30 @@ def load_index(index_dir: Path):
     for p in (index_path, meta_path):
         if not p.is_file():
             fail(f"{p} does not exist (build the index with `retrieval.py build`)")
+    rebuild = f"rebuild the index with `retrieval.py build --overwrite --out-dir {index_dir} ...`"
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        fail(f"{meta_path} is not valid JSON: {e}")
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "rows" not in meta:
-        fail(f"{meta_path}: expected an index sidecar with format_version {FORMAT_VERSION}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{meta_path} is damaged: not valid JSON ({e}); {rebuild}")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        fail(f"{meta_path}: expected an index sidecar with format_version {FORMAT_VERSION}; {rebuild}")
+    # The fields query and fine-tuning read, with their types: a sidecar lacking one is damaged.
+    fields = {"rows": list, "feature_dim": int, "index_type": str, "checkpoint_sha256": str,
+              "manifest_sha256": str, "checkpoint": str, "data_dir": str}
+    row_fields = {"path": str, "embodiment": str, "action_dim": int}
+    wrong = [k for k, kind in fields.items() if not isinstance(meta.get(k), kind)]
+    if not wrong:
+        wrong = [f"rows[{i}].{k}" for i, row in enumerate(meta["rows"]) for k, kind in row_fields.items()
+                 if not isinstance(row, dict) or not isinstance(row.get(k), kind)][:3]
+    if wrong:
+        fail(f"{meta_path} is damaged: missing or mistyped {', '.join(wrong)}; {rebuild}")
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as e:
-        fail(f"cannot read {index_path}: {e}")
-    if index.ntotal != len(meta["rows"]) or index.d != meta.get("feature_dim"):
+        fail(f"{index_path} is damaged: Faiss cannot read it ({first_sentence(e)}); {rebuild}")
+    if index.ntotal != len(meta["rows"]) or index.d != meta["feature_dim"]:
         fail(f"{index_dir}: index.faiss ({index.ntotal} x {index.d}) does not match index.json "
-             f"({len(meta['rows'])} rows x {meta.get('feature_dim')})")
+             f"({len(meta['rows'])} rows x {meta['feature_dim']}); {rebuild}")
     return index, meta
 
 
@@ -534,7 +648,7 @@ def save_grid(path: Path, query_frames: np.ndarray, frames: np.ndarray, match: l
         grid[r * tile:(r + 1) * tile, x:x + tile] = bordered(frame, colours[match[i]])
     buf = io.BytesIO()
     imageio.imwrite(buf, grid, format="png")
-    write_bytes_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -543,10 +657,9 @@ def save_grid(path: Path, query_frames: np.ndarray, frames: np.ndarray, match: l
 
 def build(args: BuildArgs, device: str) -> None:
     out_dir, data_dir = Path(args.out_dir), Path(args.data_dir)
-    if args.batch_size < 1 or args.nlist < 0 or args.nprobe < 1:
-        fail("--batch-size and --nprobe must be >= 1, --nlist >= 0")
     if args.index_type == "flat" and (args.nlist != BuildArgs.nlist or args.nprobe != BuildArgs.nprobe):
         fail("--nlist / --nprobe only apply to --index-type ivf")
+    check_out_dir(out_dir)
     if (out_dir / INDEX_FILE).exists() or (out_dir / META_FILE).exists():
         if not args.overwrite:
             fail(f"{out_dir} already holds an index; pass --overwrite to replace it")
@@ -591,7 +704,7 @@ def build(args: BuildArgs, device: str) -> None:
     index_wall = time.time() - t_index
 
     meta = {
-        "format_version": FORMAT_VERSION, "script": PROG, "metric": "l2", "index_type": index_name,
+        "format_version": FORMAT_VERSION, "script": SCRIPT, "metric": "l2", "index_type": index_name,
         "feature_dim": dim, "num_rows": n,
         "checkpoint_sha256": ckpt_sha, "manifest_sha256": manifest_sha,
         "checkpoint": str(Path(args.checkpoint).resolve()), "data_dir": str(data_dir.resolve()),
@@ -604,12 +717,11 @@ def build(args: BuildArgs, device: str) -> None:
     }
     if args.index_type == "ivf":
         meta["nprobe"] = int(faiss.extract_index_ivf(index).nprobe)
-    # Write both files under temporary names first; the sidecar lands last, so a complete index.json
-    # always describes the index.faiss beside it.
+    # Each file is written atomically and the sidecar lands last, so a complete index.json always describes
+    # the index.faiss beside it.
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_index = out_dir / f"{INDEX_FILE}.tmp-{os.getpid()}"
-    faiss.write_index(index, str(tmp_index))
-    fsync_replace(tmp_index, out_dir / INDEX_FILE)
+    sweep_stale_temporaries(out_dir)
+    write_atomic(out_dir / INDEX_FILE, faiss.serialize_index(index).tobytes())
     write_json_atomic(out_dir / META_FILE, meta)
     print(f"wrote {out_dir / INDEX_FILE} ({index_name}, {n} x {dim}) and {out_dir / META_FILE}; "
           f"encode {encode_wall:.2f} s, index {index_wall:.2f} s (wall)")
@@ -619,11 +731,13 @@ def query(args: QueryArgs, device: str) -> None:
     index_dir = Path(args.index_dir)
     if (args.task is None) == (args.query_images is None):
         fail("give exactly one of --task and --query-images")
-    if args.k < 1 or args.query_resets < 1 or args.grid < 0:
-        fail("--k and --query-resets must be >= 1, --grid >= 0")
     if args.all_action_dims and args.action_dim is not None:
         fail("--action-dim and --all-action-dims exclude each other")
     embodiment = task_embodiment(args.task) if args.task else None
+    name = args.task or Path(args.query_images).stem
+    out = Path(args.out) if args.out else index_dir / f"query-{name}.png"
+    if args.out:
+        check_out_dir(out.parent, "--out")
     index, meta = load_index(index_dir)
     checkpoint = Path(args.checkpoint or meta.get("checkpoint", ""))
     if args.checkpoint is None and not checkpoint.is_file():
@@ -636,7 +750,6 @@ def query(args: QueryArgs, device: str) -> None:
         t0 = time.time()
         query_frames = render_reset_frames(args.task, args.query_resets, args.seed, cfg.image_size)
         print(f"rendered {len(query_frames)} reset frames of {args.task} in {time.time() - t0:.2f} s")
-        name = args.task
     else:
         path = Path(args.query_images)
         if not path.is_file():
@@ -651,7 +764,6 @@ def query(args: QueryArgs, device: str) -> None:
         if query_frames.dtype != np.uint8 or query_frames.shape[1:] != (size, size, 3) or not len(query_frames):
             fail(f"{path}: query images must be uint8 [Q, {size}, {size}, 3], got "
                  f"{query_frames.dtype} {list(query_frames.shape)}")
-        name = path.stem
     action_dim = args.action_dim
     if action_dim is None and embodiment is not None and not args.all_action_dims:
         action_dim = ACTION_DIMS[embodiment]  # DESIGN §5: drop episodes of other action dims
@@ -678,8 +790,7 @@ def query(args: QueryArgs, device: str) -> None:
             precision["source_task"] = by_task[args.task[3:]] / len(results)
             print(f"precision by source task ({args.task[3:]}): {precision['source_task']:.3f}")
 
-    out = Path(args.out) if args.out else index_dir / f"query-{name}.png"
-    if args.grid:
+    if args.grid:  # read the grid's frames before anything is written
         data_dir = Path(args.data_dir or meta.get("data_dir", ""))
         if args.data_dir is None and not (data_dir / "manifest.json").is_file():
             fail(f"the data dir recorded in {index_dir / META_FILE} ({data_dir}) has no manifest.json; pass "
@@ -690,9 +801,15 @@ def query(args: QueryArgs, device: str) -> None:
                  f"was built from ({meta['manifest_sha256'][:16]}...); pass the right --data-dir or --grid 0")
         by_path = {ep["path"]: ep for ep in manifest["episodes"]}
         shown = results[:args.grid]
+        unknown = [row["path"] for row, _ in shown if row["path"] not in by_path]
+        if unknown:
+            fail(f"{index_dir / META_FILE} is damaged: it lists {unknown[0]}, which the manifest it was built "
+                 f"from does not; rebuild the index with `retrieval.py build --overwrite`")
         frames = np.stack([read_first_frame(data_dir, by_path[row["path"]], cfg.image_size) for row, _ in shown])
         match = [None if embodiment is None else row["embodiment"] == embodiment for row, _ in shown]
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(out.parent)
+    if args.grid:
         save_grid(out, query_frames, frames, match)
         print(f"wrote {out}")
     summary = {"query": name, "k": args.k, "action_dim": action_dim, "num_query_frames": len(query_frames),
@@ -700,12 +817,13 @@ def query(args: QueryArgs, device: str) -> None:
                "seconds": round(wall, 4), "by_embodiment": dict(by_embodiment), "by_task": dict(by_task),
                "precision": precision, "args": asdict(args),
                "results": [{**row, "distance": d} for row, d in results]}
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), summary)
     print(f"wrote {out.with_suffix('.json')}")
 
 
+@fail_on_full_disk()
 def main(args: Union[BuildArgs, QueryArgs]) -> None:
+    check_ranges(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -1,11 +1,14 @@
 """Tests of collect_offline.py: on-disk format, manifest, resume determinism, reward-freeness, scripted experts,
 sharding and clear errors. Tiny settings throughout (one episode per embodiment, a few hundred explorer steps)."""
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,16 +155,140 @@ def test_plan_is_deterministic_and_shards_partition_it():
     (dict(mw_tasks="reach,fly"), "unknown Meta-World task 'fly'"),
     (dict(shard="3/2"), "--shard"),
     (dict(shard="one/2"), "--shard"),
-    (dict(episodes_per_embodiment=0), "must be positive"),
-    (dict(mw_episodes_per_task=-1), "must be positive"),
-    (dict(num_workers=0), "must be positive"),
-    (dict(random_fraction=1.5), "--random-fraction"),
+    (dict(episodes_per_embodiment=0), "--episodes-per-embodiment must be >= 1, got 0"),
+    (dict(mw_episodes_per_task=-1), "--mw-episodes-per-task must be >= 1, got -1"),
+    (dict(num_workers=0), "--num-workers must be >= 1"),
+    (dict(random_fraction=1.5), "--random-fraction must be in \\[0.0, 1.0\\]"),
+    (dict(mw_noise_min=0.5, mw_noise_max=0.2), "--mw-noise-min 0.5 exceeds --mw-noise-max 0.2"),
+    (dict(explorer_steps=3, explorer_stages=4), "--explorer-stages 4 exceeds --explorer-steps 3"),
 ])
 def test_bad_arguments_fail_clearly_and_write_nothing(change, message, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(SystemExit, match=f"collect_offline.py: error: .*{message}"):
         co.main(co.Args(out_dir=str(out), **change))
     assert not out.exists()
+
+
+def test_mw_episodes_per_task_is_used_as_given():
+    # An explicit count is never replaced by --episodes-per-embodiment (only None means "the same").
+    specs = co.plan_all(co.Args(embodiments="sawyer", mw_tasks="reach", episodes_per_embodiment=3,
+                                mw_episodes_per_task=1))
+    assert [s["path"] for s in specs] == ["sawyer/reach-000000.npz"]
+
+
+def test_smaller_selection_is_refused_unless_allowed(collection, tmp_path):
+    out, args = collection
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    smaller = replace(args, out_dir=str(copy), embodiments="cartpole")
+    with pytest.raises(SystemExit, match=r"would drop 1 of the 2 episodes listed in .*manifest.json "
+                                         r"\(sawyer/reach: 1\); .* or pass --allow-shrink"):
+        co.main(smaller)
+    assert before == {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}  # nothing written
+    co.main(replace(smaller, allow_shrink=True))
+    rows = json.loads((copy / "manifest.json").read_text())["episodes"]
+    assert [r["path"] for r in rows] == ["cartpole/cartpole-000000.npz"]
+    assert (copy / "sawyer/reach-000000.npz").is_file()  # dropped from the manifest, not deleted
+    # The full selection grows it back, reusing the files: the same manifest bytes as the original.
+    co.main(replace(args, out_dir=str(copy)))
+    assert sha(copy / "manifest.json") == sha(out / "manifest.json")
+
+
+def test_unreadable_manifest_is_named(collection, tmp_path):
+    out, args = collection
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "manifest.json").write_text('{"episodes": [{"path": ')
+    with pytest.raises(SystemExit, match=r"manifest.json is unreadable; delete it and re-run"):
+        co.main(replace(args, out_dir=str(copy)))
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited: a temporary file named with it is stale."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_full_disk_removes_temporaries_and_a_rerun_finishes(collection, tmp_path, monkeypatch):
+    out, args = collection
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for suffix in (".npz", ".json"):  # one episode left to collect
+        (copy / f"sawyer/reach-000000{suffix}").unlink()
+    (copy / f"sawyer/reach-000000.npz.tmp-{dead_pid()}").write_bytes(b"left by a killed run")
+    with open(copy / "metrics.jsonl", "a") as f:
+        f.write('{"path": "cartpole/cartpole-0')  # torn by a kill
+    real_fsync = os.fsync
+
+    def full_disk_for_episodes(fd):
+        if ".npz.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_for_episodes)
+    with pytest.raises(SystemExit, match=r"No space left on device while writing .*sawyer/reach-000000.npz; "
+                                         r"free some space and re-run the same command"):
+        co.main(replace(args, out_dir=str(copy)))
+    assert not [p for p in copy.rglob("*") if ".tmp-" in p.name]  # the stale one swept, its own removed
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    co.main(replace(args, out_dir=str(copy)))
+    assert sha(copy / "manifest.json") == sha(out / "manifest.json")
+    for line in (copy / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)  # the torn line was cut, so appended rows start lines of their own
+
+
+def spawn_workers(pid: int) -> list:
+    """Ids of the pool workers (spawn context) whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is done
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_workers_stop_with_the_parent(sig, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "collect_offline.py"), "--out-dir", str(out), "--embodiments", "sawyer",
+           "--mw-tasks", "reach,push", "--episodes-per-embodiment", "8", "--num-workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = []
+    try:
+        # Both workers are inside a chunk of 8 episodes (one per task) once each has written its first one.
+        deadline = time.time() + 240
+        while not all(list((out / "sawyer").glob(f"{t}-*.npz")) for t in ("reach", "push")):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            workers = spawn_workers(proc.pid) or workers
+            time.sleep(0.1)
+        assert len(workers) == 2
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        t0 = time.time()
+        while any(running(w) for w in workers) and time.time() - t0 < 10:
+            time.sleep(0.1)
+        assert not any(running(w) for w in workers), "workers outlived their parent"
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 1 and "stopped by SIGTERM" in proc.stderr.read()
+    finally:
+        proc.kill()
+        for w in workers:
+            if running(w):
+                os.kill(w, signal.SIGKILL)
 
 
 def test_rerun_with_other_content_settings_is_refused(collection):
@@ -183,12 +310,17 @@ def test_command_line_error_exit_code(tmp_path):
 
 
 def test_every_flag_is_used():
+    # Read from the code's structure: every Args field is read as `args.<field>` somewhere outside Args itself.
+    import ast
     import inspect
     from dataclasses import fields
 
-    body = inspect.getsource(co).split("\nFORMAT_VERSION = ")[1]  # everything after the Args class
-    for f in fields(co.Args):
-        assert f"args.{f.name}" in body, f"--{f.name.replace('_', '-')} does nothing"
+    tree = ast.parse(inspect.getsource(co))
+    used = {node.attr for top in tree.body if not (isinstance(top, ast.ClassDef) and top.name == "Args")
+            for node in ast.walk(top)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"}
+    unused = [f.name for f in fields(co.Args) if f.name not in used]
+    assert not unused, f"flags that do nothing: {unused}"
 
 
 def test_numpy_actor_matches_torch_actor():

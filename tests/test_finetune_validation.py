@@ -134,8 +134,9 @@ def test_disk_full_removes_the_temporary_file_and_says_so(tmp_path, monkeypatch)
             return False
 
     monkeypatch.setattr("builtins.open", lambda p, mode="r", *a, **k: FullFile(p) if "w" in mode else real_open(p, mode, *a, **k))
-    with pytest.raises(SystemExit, match="No space left on device while writing"):
-        ft.write_atomic(tmp_path / "x.json", b"{}")
+    with pytest.raises(SystemExit, match="No space left on device while writing .*x.json"):
+        with ft.fail_on_full_disk():
+            ft.write_atomic(tmp_path / "x.json", b"{}")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
 
@@ -165,3 +166,15 @@ def test_diverged_weights_stop_the_run_before_the_checkpoint(tmp_path, monkeypat
         run_main(task="cartpole-balance", no_pretrain=True, out_dir=str(out), env_steps=120)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["actor"].values())
+
+
+def test_file_helpers_are_the_same_in_every_stage_script():
+    import inspect
+
+    import collect_offline
+    import pretrain_wm
+    import retrieval
+    for name in ("write_atomic", "write_json_atomic", "sweep_stale_temporaries", "pid_running"):
+        source = inspect.getsource(getattr(ft, name))
+        for module in (collect_offline, pretrain_wm, retrieval):
+            assert inspect.getsource(getattr(module, name)) == source, (module.__name__, name)

@@ -1,4 +1,5 @@
 """Tests of pretrain_wm.py: RSSM pieces, the data pool, training, resume, DDP, bad inputs. Tiny and fast."""
+import errno
 import hashlib
 import json
 import math
@@ -254,7 +255,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data, tmp_path, monkeypatch)
         return m
 
     monkeypatch.setattr(P, "train_step", poisoned)
-    with pytest.raises(SystemExit, match="non-finite loss at update 7"):
+    with pytest.raises(SystemExit, match=r"non-finite loss at update 7 .*; the checkpoint .*wm.pt of update 5 is kept"):
         run(data, tmp_path / "r", steps=10, checkpoint_every=5)
     assert torch.load(tmp_path / "r" / "wm.pt", weights_only=True)["step"] == 5
 
@@ -333,6 +334,109 @@ def test_corrupt_or_missing_episode_or_changed_manifest(tmp_path):
     with pytest.raises(SystemExit, match="differs from the one"):
         run(d2, out, steps=4, seq_len=8, holdout_fraction=0.0, resume=True)
     assert snapshot == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e38, -1.01])
+def test_bad_actions_in_an_episode_are_named_before_anything_is_written(value, tmp_path):
+    d = make_dataset(tmp_path / "d", episodes=1, length=10, embodiments=("walker",))
+    rel = "walker/walker-000000.npz"
+    with np.load(d / rel) as z:
+        ep = dict(z)
+    ep["action"][4, 2] = value
+    np.savez_compressed(d / rel, **ep)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["episodes"][0]["sha256"] = hashlib.sha256((d / rel).read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=rf"episode {re.escape(str(d / rel))}: action\[4, 2\] = .* is not a finite "
+                                         r"number in \[-1, 1\]"):
+        run(d, out, seq_len=8)
+    assert not out.exists()
+
+
+def test_actions_within_rounding_of_the_bounds_are_accepted(tmp_path):
+    d = make_dataset(tmp_path / "d", episodes=1, length=10, embodiments=("walker",))
+    P.check_actions(d, np.array([[1.0 + 5e-7, -1.0 - 5e-7]], np.float32))
+
+
+@pytest.fixture
+def finished(data, tmp_path):
+    """A finished 4-update run, checkpoint and final evaluation at update 4."""
+    out = tmp_path / "done"
+    run(data, out, steps=4, checkpoint_every=4, eval_every=4)
+    return out
+
+
+def snapshot(out: Path) -> dict:
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "tb" not in p.parts}
+
+
+def test_resuming_a_finished_run_adds_nothing(data, finished):
+    before = snapshot(finished)
+    run(data, finished, steps=4, checkpoint_every=4, eval_every=4, resume=True)
+    after = snapshot(finished)
+    args_json = finished / "args.json"
+    assert {p: b for p, b in after.items() if p != args_json} == {p: b for p, b in before.items() if p != args_json}
+    evals = [x for x in (finished / "metrics.jsonl").read_text().splitlines() if "openloop_mse" in x]
+    assert len(evals) == 1
+
+
+def test_a_bad_metrics_line_before_the_last_is_named(data, finished):
+    lines = (finished / "metrics.jsonl").read_text().splitlines()
+    lines.insert(1, "not json")
+    (finished / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=r"metrics.jsonl line 2 is not a metrics row; delete that line"):
+        run(data, finished, steps=6, checkpoint_every=4, eval_every=4, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "no step", "wrong weights", "bad pool"])
+def test_damaged_checkpoint_is_named_on_resume(damage, data, finished):
+    ckpt_path = finished / "wm.pt"
+    raw = ckpt_path.read_bytes()
+    if damage == "truncated":
+        ckpt_path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "random bytes":
+        ckpt_path.write_bytes(np.random.default_rng(0).bytes(len(raw)))
+    else:
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        if damage == "no step":
+            del ckpt["step"]
+        elif damage == "wrong weights":
+            key = next(iter(ckpt["model"]))
+            ckpt["model"][key] = torch.zeros(3)
+        else:
+            ckpt["rng"]["ranks"][0]["pool"]["slot_ids"] = [10**6]
+        torch.save(ckpt, ckpt_path)
+    before = snapshot(finished)
+    with pytest.raises(SystemExit, match=r"checkpoint .*wm.pt is damaged \(.*\); delete it to start this run over"):
+        run(data, finished, steps=6, checkpoint_every=4, eval_every=4, resume=True)
+    assert snapshot(finished) == before
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited: a temporary file named with it is stale."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_full_disk_names_the_file_and_leaves_no_temporaries(data, finished, monkeypatch):
+    stale = [finished / f"wm.pt.tmp-{dead_pid()}", finished / "videos" / f"x.gif.tmp-{dead_pid()}"]
+    for path in stale:
+        path.write_bytes(b"left by a killed run")
+    real_fsync = os.fsync
+
+    def full_disk_for_checkpoints(fd):
+        if "wm.pt.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_for_checkpoints)
+    before = (finished / "wm.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"No space left on device while writing .*wm.pt; free some space"):
+        run(data, finished, steps=6, checkpoint_every=4, eval_every=4, resume=True)
+    assert not [p for p in finished.rglob("*") if ".tmp-" in p.name]
+    assert (finished / "wm.pt").read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Tests of retrieval.py (Eq. 4): encoder parity with pretrain_wm.py, exact search, index files, errors."""
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -215,13 +217,104 @@ def test_clear_errors_and_nothing_overwritten(built, tmp_path):
     np.savez_compressed(noimg / manifest["episodes"][0]["path"], action=np.zeros((4, 1), np.float32))
     manifest["episodes"][0]["sha256"] = hashlib.sha256((noimg / manifest["episodes"][0]["path"]).read_bytes()).hexdigest()
     (noimg / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SystemExit, match="cannot read the first frame .* KeyError"):
+    with pytest.raises(SystemExit, match="cannot read the first frame and actions .* KeyError"):
         retrieval.main(retrieval.BuildArgs(**{**build, "data_dir": str(noimg), "overwrite": True}))
     # a data directory whose manifest is not the one the index was built from
     with pytest.raises(SystemExit, match="not the manifest"):
         retrieval.main(retrieval.QueryArgs(index_dir=str(built / "index"), query_images=str(_save_query(tmp_path)),
                                            data_dir=str(bad)))
     assert {p.name: p.read_bytes() for p in (built / "index").iterdir()} == index_files
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e38])
+def test_bad_actions_in_an_episode_are_named(value, built, tmp_path):
+    data = make_dataset(tmp_path / "data", per_embodiment=1)
+    manifest = json.loads((data / "manifest.json").read_text())
+    row = manifest["episodes"][-1]
+    with np.load(data / row["path"]) as z:
+        ep = dict(z)
+    ep["action"][2, 0] = value
+    np.savez_compressed(data / row["path"], **ep)
+    row["sha256"] = hashlib.sha256((data / row["path"]).read_bytes()).hexdigest()
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "index"
+    with pytest.raises(SystemExit, match=rf"episode .*{row['path']}: action\[2, 0\] = .* is not a finite number"):
+        retrieval.main(retrieval.BuildArgs(out_dir=str(out), checkpoint=str(built / "wm.pt"), data_dir=str(data)))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "odd model_config"])
+def test_damaged_checkpoint_is_named(damage, built, tmp_path):
+    raw, bad = (built / "wm.pt").read_bytes(), tmp_path / "wm.pt"
+    if damage == "truncated":
+        bad.write_bytes(raw[: len(raw) // 2])
+    elif damage == "random bytes":
+        bad.write_bytes(np.random.default_rng(0).bytes(len(raw)))
+    else:
+        ckpt = torch.load(built / "wm.pt", weights_only=True)
+        ckpt["model_config"]["cnn_depth"] = 5  # weights of depth 4
+        torch.save(ckpt, bad)
+    out = tmp_path / "index"
+    with pytest.raises(SystemExit, match=rf"{bad}.* \(.*\); re-run pretrain_wm.py to write it again"):
+        retrieval.main(retrieval.BuildArgs(out_dir=str(out), checkpoint=str(bad), data_dir=str(built / "data")))
+    assert not out.exists()
+
+
+INDEX_DAMAGE = {
+    "index.json not JSON": r"index.json is damaged: not valid JSON",
+    "index.json rows not a list": r"index.json is damaged: missing or mistyped rows",
+    "index.json row without action_dim": r"index.json is damaged: missing or mistyped rows\[3\].action_dim",
+    "index.faiss random bytes": r"index.faiss is damaged: Faiss cannot read it",
+    "index.faiss truncated": r"index.faiss is damaged: Faiss cannot read it",
+}
+
+
+@pytest.mark.parametrize("damage", INDEX_DAMAGE)
+def test_damaged_index_files_are_named(damage, built, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(built / "index", index)
+    meta = json.loads((index / "index.json").read_text())
+    if damage == "index.json not JSON":
+        (index / "index.json").write_text('{"format_version": 1, "rows": [')
+    elif damage == "index.json rows not a list":
+        (index / "index.json").write_text(json.dumps({**meta, "rows": 5}))
+    elif damage == "index.json row without action_dim":
+        del meta["rows"][3]["action_dim"]
+        (index / "index.json").write_text(json.dumps(meta))
+    elif damage == "index.faiss random bytes":
+        (index / "index.faiss").write_bytes(np.random.default_rng(0).bytes(300))
+    else:
+        (index / "index.faiss").write_bytes((built / "index" / "index.faiss").read_bytes()[:3000])
+    rebuild = "; rebuild the index with `retrieval.py build --overwrite"
+    with pytest.raises(SystemExit, match=f"{INDEX_DAMAGE[damage]}.*{rebuild}"):
+        retrieval.main(retrieval.QueryArgs(index_dir=str(index), query_images=str(_save_query(tmp_path)), grid=0))
+    assert not list(index.glob("query-*"))
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited: a temporary file named with it is stale."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_full_disk_keeps_the_old_index_and_leaves_no_temporaries(built, tmp_path, monkeypatch):
+    index = tmp_path / "index"
+    shutil.copytree(built / "index", index)
+    (index / f"index.faiss.tmp-{dead_pid()}").write_bytes(b"left by a killed run")
+    before = {p.name: p.read_bytes() for p in index.iterdir() if ".tmp-" not in p.name}
+    real_fsync = os.fsync
+
+    def full_disk_for_the_index(fd):
+        if "index.faiss.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_for_the_index)
+    with pytest.raises(SystemExit, match=r"No space left on device while writing .*index.faiss; free some space"):
+        retrieval.main(retrieval.BuildArgs(out_dir=str(index), checkpoint=str(built / "wm.pt"),
+                                           data_dir=str(built / "data"), overwrite=True))
+    assert {p.name: p.read_bytes() for p in index.iterdir()} == before  # the stale temporary swept too
 
 
 def _save_query(root: Path) -> Path:
