@@ -229,7 +229,6 @@ AGENT_SIZES = {
                   eval_every=10_000, eval_episodes=10),
 }
 
-MAX_ACTION_DIM = 12
 
 ACTION_REPEAT = 2
 
@@ -389,11 +388,13 @@ class MLP(nn.Module):
 
 
 class Actor(nn.Module):
-    """pi(a | s): truncated normal on [-1, 1]^12, mean tanh(.), std in [0.1, 1]; padded dims masked to 0."""
+    """pi(a | s) over the world model's padded action space: mean tanh(.), std in [0.1, 1] (sampled by
+    actor_sample); the agent masks the padded dims to 0."""
 
-    def __init__(self, feat_dim: int, units: int, layers: int, min_std: float = 0.1, max_std: float = 1.0):
+    def __init__(self, feat_dim: int, act_dim: int, units: int, layers: int, min_std: float = 0.1,
+                 max_std: float = 1.0):
         super().__init__()
-        self.net = MLP(feat_dim, 2 * MAX_ACTION_DIM, units, layers)
+        self.net = MLP(feat_dim, 2 * act_dim, units, layers)
         self.min_std, self.max_std = min_std, max_std
 
     def forward(self, feat: torch.Tensor):
@@ -406,7 +407,7 @@ class BCPrior(nn.Module):
     [d, 2d, 4d, 8d], each with a channel LayerNorm and ELU -> 2 x (Linear, LayerNorm, ELU) -> a linear action
     head (clipped to [-1, 1] when it acts, not when it learns)."""
 
-    def __init__(self, depth: int = 32, units: int = 512, image_size: int = 64):
+    def __init__(self, act_dim: int, depth: int = 32, units: int = 512, image_size: int = 64):
         super().__init__()
         chans = [3 * BC_FRAMES, depth, 2 * depth, 4 * depth, 8 * depth]
         self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 4, 2) for i in range(4))
@@ -416,7 +417,7 @@ class BCPrior(nn.Module):
             res = (res - 4) // 2 + 1  # 64 -> 31 -> 14 -> 6 -> 2
         self.mlp = nn.Sequential(nn.Linear(8 * depth * res * res, units), nn.LayerNorm(units), nn.ELU(),
                                  nn.Linear(units, units), nn.LayerNorm(units), nn.ELU(),
-                                 nn.Linear(units, MAX_ACTION_DIM))
+                                 nn.Linear(units, act_dim))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames uint8 [N, 3, H, W, 3] (oldest first) -> action [N, 12] (unbounded)."""
@@ -465,7 +466,8 @@ def train_bc(prior: BCPrior, episodes: list, max_steps: int, batch: int, lr: flo
     n_held = len(episodes) // 10 if len(episodes) >= 20 else int(len(episodes) >= 2)
     held, train = order[:n_held], order[n_held:]
     lengths = np.array([len(e["image"]) - 1 for e in episodes])  # valid t: 0 .. T-1
-    mask = (torch.arange(MAX_ACTION_DIM, device=device) < action_dim).float()
+    width = episodes[0]["action"].shape[1]  # the padded action space
+    mask = (torch.arange(width, device=device) < action_dim).float()
     held_pairs = [(int(e), int(t)) for e in held for t in range(0, lengths[e], max(1, lengths[e] // 25))]
 
     def mse(pred, target):
@@ -531,10 +533,10 @@ class Agent(nn.Module):
         self.reward = MLP(feat_dim, 255, units, layers, zero_output=True)
         self.critic = MLP(feat_dim, 255, units, layers, zero_output=True)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor = Actor(feat_dim, units, layers)
+        self.actor = Actor(feat_dim, cfg.act_dim, units, layers)
         self.return_norm = ReturnNorm()
         self.register_buffer("bins", twohot_bins())
-        self.register_buffer("act_mask", (torch.arange(MAX_ACTION_DIM) < action_dim).float())
+        self.register_buffer("act_mask", (torch.arange(cfg.act_dim) < action_dim).float())
         # World model and reward head share one optimiser (the reward loss also shapes the representation).
         self.wm_params = list(self.wm.parameters()) + list(self.reward.parameters())
         self.wm_opt = torch.optim.Adam(self.wm_params, lr=wm_lr, eps=1e-5, weight_decay=1e-6)
@@ -667,7 +669,7 @@ class Agent(nn.Module):
         """The critic's value of an episode's first frame (to set beside the discounted return it earned)."""
         device = self.bins.device
         embed = self.wm.encoder(torch.as_tensor(image, device=device)[None])
-        post, _ = self.wm.rssm.obs_step(self.wm.rssm.initial(1), torch.zeros(1, MAX_ACTION_DIM, device=device),
+        post, _ = self.wm.rssm.obs_step(self.wm.rssm.initial(1), torch.zeros(1, self.cfg.act_dim, device=device),
                                         embed, torch.ones(1, dtype=torch.bool, device=device))
         return float(twohot_mean(self.critic(self.wm.rssm.get_feat(post)), self.bins)[0])
 
@@ -698,14 +700,14 @@ def to_batch(online: dict, offline: Optional[dict], device) -> dict:
 # Replay: online episodes and the retrieved set D_r (experience rehearsal, Eq. 4)
 # ----------------------------------------------------------------------------------------------------------
 
-def pad_actions(action: np.ndarray) -> np.ndarray:
+def pad_actions(action: np.ndarray, width: int) -> np.ndarray:
     """[T, A] -> [T, 12] zero-padded (the world model's shared action space)."""
-    out = np.zeros((action.shape[0], MAX_ACTION_DIM), np.float32)
+    out = np.zeros((action.shape[0], width), np.float32)
     out[:, : action.shape[1]] = action
     return out
 
 
-def load_offline_episode(data_dir: Path, row: dict, expected_sha: str) -> dict:
+def load_offline_episode(data_dir: Path, row: dict, expected_sha: str, width: int) -> dict:
     """One retrieved episode in replay format (reward zeros: the offline data has none), sha256-checked."""
     path = data_dir / row["path"]
     try:
@@ -721,11 +723,11 @@ def load_offline_episode(data_dir: Path, row: dict, expected_sha: str) -> dict:
         is_first = z["is_first"].astype(bool) if "is_first" in z.files else np.arange(len(image)) == 0
     if (image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8 or action.ndim != 2
             or len(action) != len(image) or action.shape[1] != row.get("action_dim", action.shape[1])
-            or action.shape[1] > MAX_ACTION_DIM):
+            or action.shape[1] > width):
         fail(f"episode file {path} has unexpected shapes: image {image.shape} {image.dtype}, action {action.shape} "
              f"(index says action dim {row.get('action_dim')})")
     check_actions(path, action)
-    return {"image": image, "action": pad_actions(action), "reward": np.zeros(len(image), np.float32),
+    return {"image": image, "action": pad_actions(action, width), "reward": np.zeros(len(image), np.float32),
             "is_first": is_first}
 
 
@@ -748,7 +750,8 @@ class SequenceReplay:
     def add(self, episode: dict) -> None:
         n = len(episode["image"])
         assert episode["image"].ndim == 4 and episode["image"].dtype == np.uint8, episode["image"].shape
-        assert episode["action"].shape == (n, MAX_ACTION_DIM) and episode["reward"].shape == (n,)
+        assert episode["action"].shape[0] == n and episode["reward"].shape == (n,)
+        assert not self.episodes or episode["action"].shape[1] == self.episodes[0]["action"].shape[1]
         self.episodes.append(episode)
         self.steps += n - 1
 
@@ -824,8 +827,9 @@ def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mod
     Returns (episode dict in replay format, (stats, the frames if record else None))."""
     device, A = agent.bins.device, env.action_dim
     image = env.reset()
-    images, actions, episode_rewards = [image], [np.zeros(MAX_ACTION_DIM, np.float32)], [0.0]
-    state, prev = None, torch.zeros(MAX_ACTION_DIM, device=device)
+    W = agent.cfg.act_dim  # the world model's padded action space
+    images, actions, episode_rewards = [image], [np.zeros(W, np.float32)], [0.0]
+    state, prev = None, torch.zeros(W, device=device)
     if prior is not None:
         prior.reset(image)
     successes, prior_steps, done, t = [], 0, False, 0
@@ -839,7 +843,7 @@ def run_episode(env, agent: Agent, rng: np.random.Generator, max_steps: int, mod
         if prior is not None and prior_window[0] <= t < prior_window[0] + prior_window[1]:
             action, prior_steps = prior.act() * agent.act_mask, prior_steps + 1
         elif random_actions:
-            action = torch.as_tensor(np.pad(rng.uniform(-1, 1, A), (0, MAX_ACTION_DIM - A)).astype(np.float32),
+            action = torch.as_tensor(np.pad(rng.uniform(-1, 1, A), (0, W - A)).astype(np.float32),
                                      device=device)
         a = action.cpu().numpy().astype(np.float32)
         image, reward, done, info = env.step(a[:A])  # only the task's own dims reach the env
@@ -1008,8 +1012,7 @@ def resolve_size(args: Args, wm_ckpt: Optional[dict]) -> str:
 
 
 def model_config_for(size: str) -> "ModelConfig":
-    fields = set(ModelConfig.__dataclass_fields__)
-    return ModelConfig(**{k: v for k, v in SIZES[size].items() if k in fields})
+    return ModelConfig(**SIZES[size])
 
 
 def load_wm_checkpoint(path: Path) -> tuple[dict, str]:
@@ -1236,7 +1239,7 @@ def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple
     for row, _ in pairs:
         if row["path"] not in shas:
             fail(f"retrieved episode {row['path']} is not in {args.data_dir}/manifest.json")
-        offline.add(load_offline_episode(Path(args.data_dir), row, shas[row["path"]]))
+        offline.add(load_offline_episode(Path(args.data_dir), row, shas[row["path"]], setup.cfg.act_dim))
     L = setup.preset["seq_len"]
     if setup.use_rehearsal and all(len(e["image"]) < L for e in offline.episodes):
         fail(f"no retrieved episode has {L} steps (--seq-len)")
@@ -1256,7 +1259,7 @@ def retrieval_summary(args: Args, pairs: list, action_dim: int) -> dict:
 def train_prior(args: Args, setup: Setup, offline: SequenceReplay, action_dim: int, np_rng, writer) -> BCPrior:
     """Step 2: behaviour-clone pi_bc on D_r (or reload it on resume)."""
     p = setup.preset
-    prior = BCPrior(p["bc_depth"], p["bc_units"]).to(setup.device)
+    prior = BCPrior(setup.cfg.act_dim, p["bc_depth"], p["bc_units"]).to(setup.device)
     if setup.resume is not None and setup.resume.get("bc_done"):
         prior.load_state_dict(setup.resume["bc_prior"])
     else:
@@ -1489,8 +1492,8 @@ def main(args: Args) -> None:
 #   * the task suite (the paper's 22 DMControl and 50 Meta-World tasks from pixels): its original lives here;
 #     tests/test_tasks.py checks every custom reward;
 #   * `retrieve` and `render_reset_frames`: verbatim copies of retrieval.py's (tests keep them identical);
-#   * the world-model classes and the size table: verbatim copies of pretrain_wm.py's (tests compare the
-#     source text, and a checkpoint of one script loads strictly into the other's classes).
+#   * the world-model classes: verbatim copies of pretrain_wm.py's (tests compare the source text, and a
+#     checkpoint of one script loads strictly into the other's classes); SIZES: pretrain_wm.py's model sizes.
 # ==========================================================================================================
 
 # ==== environments: the paper's 22 DMControl and 50 Meta-World tasks from pixels (Sec. 4, appendix) ====
@@ -2271,15 +2274,15 @@ class WorldModel(nn.Module):
         return loss, metrics, post
 # ==== end shared model classes ====
 
-# World-model part of the named sizes: verbatim copy of pretrain_wm.py's table (tested). Its batch_size and
-# seq_len are pre-training's; fine-tuning's batch shape is in AGENT_SIZES.
+# The world model of each named size: pretrain_wm.py's SIZES without its batch shape (tests check they agree;
+# fine-tuning's batch shape is in AGENT_SIZES).
 SIZES = {
-    "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, blocks=2, batch_size=4, seq_len=8),
-    "xs": dict(cnn_depth=16, deter=256, hidden=256, stoch=16, classes=16, blocks=1, batch_size=8, seq_len=32),
-    "s": dict(cnn_depth=32, deter=512, hidden=512, stoch=32, classes=32, blocks=1, batch_size=16, seq_len=64),
-    "paper": dict(cnn_depth=96, deter=12288, hidden=1536, stoch=32, classes=96, blocks=8, batch_size=32,
-                  seq_len=64),
+    "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, blocks=2),
+    "xs": dict(cnn_depth=16, deter=256, hidden=256, stoch=16, classes=16, blocks=1),
+    "s": dict(cnn_depth=32, deter=512, hidden=512, stoch=32, classes=32, blocks=1),
+    "paper": dict(cnn_depth=96, deter=12288, hidden=1536, stoch=32, classes=96, blocks=8),
 }
+
 
 if __name__ == "__main__":
     main(tyro.cli(Args, config=(tyro.conf.FlagCreatePairsOff,)))  # --no-pretrain, not --no-no-pretrain

@@ -248,7 +248,8 @@ def test_shared_class_source_identical(name):
 
 
 def test_sizes_world_model_part_identical():
-    assert ft.SIZES == pw.SIZES
+    model_fields = set(pw.ModelConfig.__dataclass_fields__)
+    assert ft.SIZES == {size: {k: v for k, v in d.items() if k in model_fields} for size, d in pw.SIZES.items()}
     assert set(ft.AGENT_SIZES) == set(pw.SIZES)
 
 

@@ -149,7 +149,7 @@ def test_training_starts_after_ten_episodes_or_the_warmup(tmp_path):
 
 
 def test_bc_prior_is_the_releases_network_and_stops_on_heldout_loss():
-    prior = ft.BCPrior(depth=4, units=16)
+    prior = ft.BCPrior(12, depth=4, units=16)
     assert isinstance(prior.norms[0], ft.ChannelNorm) and isinstance(prior.mlp[2], torch.nn.ELU)
     assert isinstance(prior.mlp[-1], torch.nn.Linear)
     out = prior(torch.zeros(2, 3, 64, 64, 3, dtype=torch.uint8))
