@@ -454,12 +454,16 @@ def bc_batch(episodes: list, pairs, device) -> tuple:
 
 
 def train_bc(prior: BCPrior, episodes: list, max_steps: int, batch: int, lr: float, action_dim: int,
-             rng: np.random.Generator, device: torch.device, log=print, check_every: int = 250,
-             patience: int = 4) -> dict:
+             rng: np.random.Generator, device: torch.device, log=print, check_every: Optional[int] = None,
+             patience: int = 5, min_steps: Optional[int] = None) -> dict:
     """Behaviour cloning on D_r (Sec. 3.3): MSE on the task's action dims, random-shift augmentation. One in ten
-    episodes (at least one, if there are two) is held out; every `check_every` steps the held-out MSE is
-    measured, and training stops once it has not improved for `patience` checks (or at max_steps). The prior
+    episodes (at least one, if there are two) is held out; every `check_every` steps (default: 1% of max_steps,
+    at least 250) the held-out MSE over all their frames is measured, and once `min_steps` (default: 10% of
+    max_steps) have run, training stops when it has not improved for `patience` checks. The demonstrations'
+    own action noise puts a floor under the held-out MSE, so a short patience would stop on noise. The prior
     keeps the weights of its best check. Returns {"train": [(step, mse)], "heldout": [(step, mse)], "best_step"}."""
+    check_every = max(250, max_steps // 100) if check_every is None else check_every
+    min_steps = max_steps // 10 if min_steps is None else min_steps
     opt = torch.optim.Adam(prior.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     order = rng.permutation(len(episodes))
@@ -468,7 +472,7 @@ def train_bc(prior: BCPrior, episodes: list, max_steps: int, batch: int, lr: flo
     lengths = np.array([len(e["image"]) - 1 for e in episodes])  # valid t: 0 .. T-1
     width = episodes[0]["action"].shape[1]  # the padded action space
     mask = (torch.arange(width, device=device) < action_dim).float()
-    held_pairs = [(int(e), int(t)) for e in held for t in range(0, lengths[e], max(1, lengths[e] // 25))]
+    held_pairs = [(int(e), int(t)) for e in held for t in range(lengths[e])]
 
     def mse(pred, target):
         return ((pred - target).square() * mask).sum(-1).mean() / action_dim
@@ -507,7 +511,7 @@ def train_bc(prior: BCPrior, episodes: list, max_steps: int, batch: int, lr: flo
             since_best += 1
         log(f"[bc] step {step}/{max_steps} train mse {loss.item():.4f} held-out mse {curve['heldout'][-1][1]:.4f} "
             f"(best {best:.4f} at {curve['best_step']}; {time.time() - t0:.0f}s)")
-        if since_best >= patience:
+        if since_best >= patience and step >= min_steps:
             break
     if best_state is not None:
         prior.load_state_dict(best_state)

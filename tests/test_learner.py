@@ -167,10 +167,15 @@ def test_bc_prior_is_the_releases_network_and_stops_on_heldout_loss():
     torch.manual_seed(0)
     curve = ft.train_bc(prior, episodes, max_steps=3000, batch=16, lr=3e-3, action_dim=1,
                         rng=np.random.default_rng(0), device=torch.device("cpu"), log=lambda *_: None,
-                        check_every=50, patience=3)
+                        check_every=50, patience=3, min_steps=0)
     steps = [s for s, _ in curve["heldout"]]
     assert steps[-1] < 3000 and curve["best_step"] == steps[-4]  # stopped 3 checks after its best
-    assert min(v for _, v in curve["heldout"]) < 0.1 * curve["heldout"][0][1] + 0.01
+    assert min(v for _, v in curve["heldout"]) < 0.1 / 3  # a tenth of the MSE of predicting 0 (variance 1/3)
+    # min_steps: no stop before it, however flat the held-out curve
+    curve = ft.train_bc(ft.BCPrior(12, depth=4, units=16), episodes, max_steps=600, batch=16, lr=3e-3, action_dim=1,
+                        rng=np.random.default_rng(0), device=torch.device("cpu"), log=lambda *_: None,
+                        check_every=50, patience=1, min_steps=500)
+    assert curve["heldout"][-1][0] >= 500
 
 
 def test_imagined_reward_is_split_by_where_imagination_starts():
