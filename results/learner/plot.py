@@ -75,6 +75,12 @@ def main(args: Args) -> None:
         t = [r["env_steps"] for r in train]
         axes[1].plot(t, [r["entropy"] for r in train], label=label)
         axes[2].plot(t, [r["imag_reward"] for r in train], label=f"{label}: imagined")
+        split = [r for r in train if "imag_reward_offline_starts" in r]
+        if split:  # rehearsal runs: imagination from online rows against from D_r rows
+            ts = [r["env_steps"] for r in split]
+            for key, style, where in (("online", "--", "online"), ("offline", ":", "D_r")):
+                axes[2].plot(ts, [r[f"imag_reward_{key}_starts"] for r in split], style,
+                             label=f"{label}: imagined, {where} starts")
         steps = [(e["env_steps"], e["return"] / max(e["length"], 1)) for e in eps]
         axes[2].plot(*zip(*steps), ".", ms=3, label=f"{label}: real (training episodes)")
         pairs = [(e["env_steps"], e["value_first"], e["return_discounted"]) for e in eps if "value_first" in e]

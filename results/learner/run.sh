@@ -6,6 +6,7 @@
 # (EXP, default ~/experiments/learner); re-running this script resumes unfinished runs.
 #   bash results/learner/run.sh                        # both ratios, seed 0
 #   SEEDS="1" RATIOS="64" bash results/learner/run.sh  # more seeds at one ratio
+#   ENTROPY=3e-4 RATIOS=64 bash results/learner/run.sh  # another actor entropy scale (run dirs get -ent<scale>)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -14,14 +15,16 @@ SEEDS=${SEEDS:-0}
 RATIOS=${RATIOS:-64 128}
 TASK=${TASK:-walker-stand}
 FRAMES=${FRAMES:-50000}
+ENTROPY=${ENTROPY:-}  # empty: the default entropy scale (1e-4)
 mkdir -p "$EXP"
 for seed in $SEEDS; do
   for ratio in $RATIOS; do
-    out="$EXP/$TASK-scratch-r$ratio-s$seed"
+    name="$TASK-scratch-r$ratio${ENTROPY:+-ent$ENTROPY}-s$seed"
+    out="$EXP/$name"
     resume=""; [ -f "$out/ckpt.pt" ] && resume="--resume"
     $PY finetune_gsa.py --task "$TASK" --no-pretrain --size xs --env-steps "$FRAMES" --seed "$seed" \
         --train-ratio "$ratio" --eval-episodes 10 --threads 1 --out-dir "$out" $resume \
-        >> "$EXP/$TASK-scratch-r$ratio-s$seed.log" 2>&1 &
+        ${ENTROPY:+--entropy-scale $ENTROPY} >> "$EXP/$name.log" 2>&1 &
   done
 done
 wait
