@@ -1,14 +1,15 @@
-"""Collect the non-curated offline dataset: reward-free, mixed-quality, multi-embodiment pixel episodes (GSA §3).
+"""Collect the non-curated offline dataset: reward-free, mixed-quality, multi-embodiment pixel episodes (GSA Sec. 3.1).
 
-Non-curated means three things here (DESIGN §3):
+Non-curated means the three things of the paper's Sec. 3.1 (its data: Sec. 4, "Dataset"):
 1. Reward-free: no reward is stored anywhere. DMControl physics is stepped through `RewardFreeDMC`, which never
    calls the task's reward function; the exploration agent learns from an intrinsic (RND) reward only.
 2. Mixed quality: Meta-World episodes come from the package's scripted experts with per-episode Gaussian
    action noise whose scale is drawn from [--mw-noise-min, --mw-noise-max] (near-expert to near-random);
    DMControl episodes come from snapshots of a task-agnostic exploration agent taken at several stages of its
-   training (DDPG with clipped double Q on proprioceptive state, reward = RND novelty only; DESIGN §3),
-   played with a little per-episode action noise. A fraction --random-fraction of every embodiment's
-   episodes use uniform random actions. The manifest records the policy and noise scale of every episode.
+   training (DDPG with clipped double Q on proprioceptive state, reward = RND novelty only; the paper's come
+   from curiosity-driven unsupervised RL agents), played with a little per-episode action noise. A fraction
+   --random-fraction of every embodiment's episodes use uniform random actions. The manifest records the
+   policy and noise scale of every episode.
 3. Multi-embodiment: cartpole, acrobot, walker, cheetah, quadruped (DMControl) and sawyer (all 50 Meta-World
    v3 tasks), action dims 1, 1, 6, 6, 12, 4.
 
@@ -157,7 +158,8 @@ def check_ranges(args) -> None:
 
 
 SCRIPT = "collect_offline.py"
-FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 1  # of manifest.json (pretrain_wm.py and retrieval.py read it; the same constant there)
+SNAPSHOT_FORMAT_VERSION = 1  # of the explorer snapshots _explorer/<emb>-stage<k>.pt, read back here only
 EMBODIMENTS = ("cartpole", "acrobot", "walker", "cheetah", "quadruped", "sawyer")
 ACTION_DIMS = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
 MAX_ACTION_DIM = 12
@@ -276,7 +278,8 @@ def plan_all(args: Args) -> list:
 # ----------------------------------------------------------------------------------------------------------
 
 def cheap_render_settings(model) -> None:
-    """No anti-aliasing, no shadows, 64x64 offscreen buffer (SETUP.md: ~2 ms DMC, ~12 ms Meta-World)."""
+    """No anti-aliasing, no shadows, 64x64 offscreen buffer: Meta-World's default 4096 shadow map with 4x
+    anti-aliasing would otherwise dominate the cost of a frame."""
     model.vis.quality.offsamples = 0
     model.light_castshadow[:] = 0
     model.vis.global_.offwidth = IMAGE_SIZE
@@ -288,7 +291,8 @@ class RewardFreeDMC:
 
     Steps the physics the way `control.Environment.step` does (task.before_step, physics.step, task.after_step)
     but never calls `task.get_reward`, so nothing downstream of this class can see the task reward.
-    Actions in [-1, 1] are mapped through the action-spec bounds (quadruped bounds differ, SETUP trap 6).
+    Actions in [-1, 1] are mapped through the action-spec bounds, which are not [-1, 1] for every embodiment
+    (quadruped: [-1, -1, -0.8] to [1, 1.1, 0.8] per leg).
     """
 
     def __init__(self, embodiment: str):
@@ -355,7 +359,8 @@ class MetaWorldTask:
         self.renderer = mujoco.Renderer(model, IMAGE_SIZE, IMAGE_SIZE)
 
     def reset(self, seed: int) -> np.ndarray:
-        # SETUP trap 5: reset(seed=) is ignored; the goal comes from env.np_random when seeded_rand_vec is on.
+        # Meta-World ignores reset(seed=); with seeded_rand_vec on, the goal comes from env.np_random, which
+        # env.seed seeds.
         self.env._freeze_rand_vec = False
         self.env.seeded_rand_vec = True
         self.env.seed(seed)
@@ -372,7 +377,7 @@ class MetaWorldTask:
     def render(self, out: np.ndarray) -> np.ndarray:
         self.renderer.update_scene(self.env.data, camera=self.camera)
         self.renderer.render(out=out)
-        out[:] = out[::-1, ::-1]  # corner2's up vector points down in metaworld 3.1.1 (SETUP trap 4)
+        out[:] = out[::-1, ::-1]  # corner2's up vector points down in metaworld 3.1.1: this is the true view
         return out
 
     def close(self) -> None:
@@ -520,7 +525,7 @@ def explorer_job(job: tuple) -> list:
     seed = episode_seed(args.seed, embodiment, 1000, 0)  # its own stream, apart from every episode's
     snaps = train_explorer(RewardFreeDMC(embodiment), args.explorer_steps, args.explorer_stages, seed, log)
     for k, (path, actor) in enumerate(zip(paths, snaps), start=1):
-        payload = {"format_version": FORMAT_VERSION, "script": SCRIPT, "embodiment": embodiment,
+        payload = {"format_version": SNAPSHOT_FORMAT_VERSION, "script": SCRIPT, "embodiment": embodiment,
                    "stage": k, "steps": int(round(args.explorer_steps * k / args.explorer_stages)),
                    "seed": args.seed, "actor": actor}
         buf = io.BytesIO()
@@ -600,7 +605,7 @@ def get_env(embodiment: str, task: str):
     current = _CACHE.get("sawyer")
     if current is None or current.task != task:
         if current is not None:
-            current.close()  # one Meta-World renderer per process (SETUP trap 1)
+            current.close()  # two Meta-World envs rendering in one process: all but the newest draw garbage
         _CACHE["sawyer"] = MetaWorldTask(task)
     return _CACHE["sawyer"]
 
@@ -627,6 +632,9 @@ def get_actor(out_dir: Path, embodiment: str, stage: int, obs_dim: int, act_dim:
         if not path.exists():
             raise FileNotFoundError(f"missing explorer snapshot {path}")
         payload = torch.load(path, weights_only=True)
+        if payload.get("format_version") != SNAPSHOT_FORMAT_VERSION:
+            raise ValueError(f"explorer snapshot {path} has format version {payload.get('format_version')!r}, "
+                             f"not {SNAPSHOT_FORMAT_VERSION}; delete {path.parent} to train the explorers again")
         actor = Actor(obs_dim, act_dim)
         actor.load_state_dict(payload["actor"])
         _CACHE[key] = NumpyActor(actor)
@@ -721,8 +729,8 @@ def collect_chunk(job: tuple) -> list:
 # ----------------------------------------------------------------------------------------------------------
 
 def write_manifest(out_dir: Path, args: Args, rows: list) -> None:
-    manifest = {"format_version": FORMAT_VERSION, "image_size": IMAGE_SIZE, "action_repeat": ACTION_REPEAT,
-                "max_action_dim": MAX_ACTION_DIM, "action_dims": dict(ACTION_DIMS),
+    manifest = {"format_version": MANIFEST_FORMAT_VERSION, "image_size": IMAGE_SIZE,
+                "action_repeat": ACTION_REPEAT, "max_action_dim": MAX_ACTION_DIM, "action_dims": dict(ACTION_DIMS),
                 # Only the settings that shape episode bytes: the manifest's sha256 is what pretrain_wm.py
                 # and retrieval.py record, so a resume with other --num-workers must not change it.
                 "collection": {k: getattr(args, k) for k in CONTENT_ARGS},
@@ -856,7 +864,8 @@ def stop_on_sigterm(signum, frame) -> None:
 
 
 def run_jobs(jobs: list, workers: int, on_result) -> None:
-    """Run jobs in this process (workers == 1) or in a spawn pool (fork after GL deadlocks, SETUP trap 3)."""
+    """Run jobs in this process (workers == 1) or in a pool of spawned workers (a fork after the parent made a
+    GL context deadlocks them)."""
     if workers == 1 or not jobs:
         for job in jobs:
             on_result(*work(job))
@@ -941,7 +950,7 @@ def collect(args: Args, out_dir: Path, specs: list) -> None:
 
     # Phase 1, one pool: reward-free explorer training for the DMControl embodiments that still need episodes
     # (largest first), then the Meta-World episodes, which fill the workers as explorers finish. These processes
-    # never render DMControl (one suite per process, SETUP trap 2).
+    # never render DMControl: after a Meta-World render in the same process, dm_control's frames can be garbage.
     need = sorted({s["embodiment"] for s in todo if s["policy"].startswith("explore")},
                   key=lambda e: -ACTION_DIMS[e])
     args_dict = asdict(args)

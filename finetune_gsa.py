@@ -86,7 +86,9 @@ from dm_control.utils import rewards
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 from torch.utils.tensorboard import SummaryWriter
 
-FORMAT_VERSION = 1  # of ckpt.pt; the world-model checkpoint read here must have pretrain_wm.py's version 1
+FORMAT_VERSION = 1  # of the ckpt.pt written here
+WM_CHECKPOINT_FORMAT_VERSION = 1  # of pretrain_wm.py's wm.pt read here (its CHECKPOINT_FORMAT_VERSION)
+INDEX_FORMAT_VERSION = 1  # of retrieval.py's index.json read here
 
 SCRIPT = "finetune_gsa.py"
 
@@ -1024,8 +1026,9 @@ def load_wm_checkpoint(path: Path) -> tuple[dict, str]:
         fail(f"checkpoint {path} not found (train one with pretrain_wm.py, or pass --no-pretrain)")
     sha = sha256_file(path)
     ckpt = load_torch_file(path, "the world-model checkpoint", "re-run pretrain_wm.py, or pass --no-pretrain")
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != 1 or "model_config" not in ckpt:
-        fail(f"{path} is not a pretrain_wm.py checkpoint of format version 1 "
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != WM_CHECKPOINT_FORMAT_VERSION \
+            or "model_config" not in ckpt:
+        fail(f"{path} is not a pretrain_wm.py checkpoint of format version {WM_CHECKPOINT_FORMAT_VERSION} "
              f"(format_version={ckpt.get('format_version') if isinstance(ckpt, dict) else None})")
     return ckpt, sha
 
@@ -1052,8 +1055,8 @@ def load_index(index_dir: Path, checkpoint_sha: str, checkpoint: Path):
         fail(f"{meta_path} is damaged ({e}); {rebuild}")
     if not isinstance(meta, dict) or not isinstance(meta.get("rows"), list):
         fail(f"{meta_path} is not a retrieval index sidecar (no 'rows' list); {rebuild}")
-    if meta.get("format_version") != 1:
-        fail(f"{meta_path} has format_version {meta.get('format_version')}, expected 1")
+    if meta.get("format_version") != INDEX_FORMAT_VERSION:
+        fail(f"{meta_path} has format_version {meta.get('format_version')}, expected {INDEX_FORMAT_VERSION}")
     if meta.get("checkpoint_sha256") != checkpoint_sha:
         fail(f"the index in {index_dir} was built with another encoder (checkpoint sha256 "
              f"{str(meta.get('checkpoint_sha256'))[:16]}...) than {checkpoint} ({checkpoint_sha[:16]}...); "
@@ -1220,7 +1223,7 @@ def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
 def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple:
     """Step 1 (Eq. 4): the k offline episodes whose first frames are nearest to the task's reset frames, of the
     task's action dim, encoded by the agent's own encoder. A resumed run reloads the set it retrieved.
-    -> (D_r as a SequenceReplay, [(index row, distance)])."""
+    -> (D_r as a SequenceReplay, [(index row, distance)], its make-up as retrieval_summary gives it)."""
     A = env.action_dim
     if setup.resume is not None:
         rows = {r["path"]: r for r in setup.meta["rows"]}
@@ -1247,7 +1250,14 @@ def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple
     L = setup.preset["seq_len"]
     if setup.use_rehearsal and all(len(e["image"]) < L for e in offline.episodes):
         fail(f"no retrieved episode has {L} steps (--seq-len)")
-    return offline, pairs
+    summary = retrieval_summary(args, pairs, A)
+    print(f"[retrieval] D_r: {len(offline)} episodes, {offline.steps} steps; by embodiment "
+          f"{summary['by_embodiment']}; by source task {summary['by_source_task']}")
+    if summary["mixed_embodiments"]:  # e.g. walker and cheetah share 6 action dims
+        print(f"[retrieval] WARNING: D_r mixes embodiments {summary['by_embodiment']}: the prior is cloned from, and "
+              f"rehearsal replays, another body's episodes too. With a small dataset, a --k of at most the task "
+              f"embodiment's episode count avoids this.", flush=True)
+    return offline, pairs, summary
 
 
 def retrieval_summary(args: Args, pairs: list, action_dim: int) -> dict:
@@ -1340,6 +1350,50 @@ def train_updates(agent: Agent, online: SequenceReplay, offline: Optional[Sequen
     return {key: value / due for key, value in summed.items()} | ({"updates_this_episode": due} if due > 0 else {})
 
 
+def open_run_dir(args: Args, setup: Setup, summary: Optional[dict]) -> None:
+    """The run directory, written only once every input has been checked: args.json (the resolved preset too)
+    and, for a new run with retrieval, retrieval.json."""
+    out_dir = setup.out_dir
+    if out_dir.is_dir():
+        sweep_stale_temporaries(out_dir, out_dir / "replay", out_dir / "videos")
+    (out_dir / "replay").mkdir(parents=True, exist_ok=True)
+    (out_dir / "videos").mkdir(exist_ok=True)
+    write_json_atomic(out_dir / "args.json", {**asdict(args), "resolved_size": setup.size, "resolved": setup.preset,
+                                              "device": str(setup.device)})
+    if summary and setup.resume is None:
+        write_json_atomic(out_dir / "retrieval.json", summary)
+
+
+def collect_episode(args: Args, setup: Setup, env, agent: Agent, prior: Optional[BCPrior], np_rng, max_steps: int,
+                    warm: bool, p: float) -> tuple:
+    """Step 3: one training episode. In the warm-up pi_bc drives it whole (random actions without guidance);
+    later, with probability p, pi_bc drives a random window of it (execution guidance) and the RL policy the
+    rest. -> (episode in replay format, stats, the prior's window (first step, steps))."""
+    window = (0, 0)
+    if warm and setup.use_guidance:
+        window = (0, max_steps)
+    elif setup.use_guidance and np_rng.random() < p:
+        window = guidance_window(max_steps, np_rng, args.guidance)
+    agent.eval()
+    episode, (stats, _) = run_episode(env, agent, np_rng, max_steps, prior_window=window,
+                                      prior=PriorActor(prior, setup.device) if prior is not None else None,
+                                      random_actions=warm and not setup.use_guidance)
+    agent.train()
+    return episode, stats, window
+
+
+def evaluate_policy(args: Args, setup: Setup, eval_env, agent: Agent, np_rng, max_steps: int, env_frames: int,
+                    logs: "RunLogs", extra: dict) -> None:
+    """Step 5: the RL policy's mode (no prior) over eval_episodes episodes; a line in metrics.jsonl, a video."""
+    agent.eval()
+    result, video = evaluate(eval_env, agent, setup.preset["eval_episodes"], max_steps, np_rng)
+    agent.train()
+    logs.write("metrics", {"env_steps": env_frames, **result, **extra}, {f"eval/{k[5:]}": v for k, v in result.items()})
+    if args.video and video:
+        write_video(setup.out_dir / "videos" / f"eval-{env_frames:07d}.mp4", video)
+    print(f"[eval] {env_frames} frames: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+
+
 @fail_on_full_disk()
 def main(args: Args) -> None:
     wall0 = time.time()
@@ -1364,27 +1418,10 @@ def main(args: Args) -> None:
           f"{variant_name(args)}, world model {sum(p.numel() for p in agent.wm.parameters()) / 1e6:.2f}M params, "
           f"device {setup.device}, {'bf16' if isinstance(agent.autocast(), torch.autocast) else 'fp32'}, out {out_dir}")
 
-    # 1. Retrieval of D_r (Eq. 4).
-    offline, pairs = (retrieve_rehearsal_set(args, setup, agent, env) if use_guidance or setup.use_rehearsal
-                      else (None, []))
-    summary = retrieval_summary(args, pairs, env.action_dim) if pairs else None
-    if summary:
-        print(f"[retrieval] D_r: {len(offline)} episodes, {offline.steps} steps; by embodiment "
-              f"{summary['by_embodiment']}; by source task {summary['by_source_task']}")
-        if len(summary["by_embodiment"]) > 1:  # e.g. walker and cheetah share 6 action dims
-            print(f"[retrieval] WARNING: D_r mixes embodiments {summary['by_embodiment']}: the prior is cloned "
-                  f"from, and rehearsal replays, another body's episodes too. With a small dataset, a --k of at most "
-                  f"the task embodiment's episode count avoids this.", flush=True)
-
-    # The run directory, written only now: every input has been checked.
-    if out_dir.is_dir():
-        sweep_stale_temporaries(out_dir, out_dir / "replay", out_dir / "videos")
-    (out_dir / "replay").mkdir(parents=True, exist_ok=True)
-    (out_dir / "videos").mkdir(exist_ok=True)
-    write_json_atomic(out_dir / "args.json", {**asdict(args), "resolved_size": setup.size, "resolved": preset,
-                                              "device": str(setup.device)})
-    if summary and setup.resume is None:
-        write_json_atomic(out_dir / "retrieval.json", summary)
+    # 1. Retrieval of D_r (Eq. 4), then the run directory (only now: every input has been checked).
+    use_retrieval = use_guidance or setup.use_rehearsal
+    offline, pairs, summary = retrieve_rehearsal_set(args, setup, agent, env) if use_retrieval else (None, [], None)
+    open_run_dir(args, setup, summary)
     logs = RunLogs(out_dir, counters["env_frames"])
 
     # 2. The prior pi_bc, cloned from D_r.
@@ -1411,20 +1448,10 @@ def main(args: Args) -> None:
     rate_t, rate_frames = time.time(), counters["env_frames"]
     try:
         while counters["env_frames"] < args.env_steps:
-            # 3. Collect one episode: the warm-up by pi_bc (random actions without guidance), then with
-            # probability p (linear schedule) pi_bc drives a random window of the episode.
+            # 3. Collect one episode (the warm-up, or guidance with probability p) into the online replay.
             warm = counters["env_frames"] < warmup_total
             p = guidance_probability(counters["env_frames"], g_start, g_end, g_frames) if use_guidance else 0.0
-            window = (0, 0)
-            if warm and use_guidance:
-                window = (0, max_steps)
-            elif use_guidance and np_rng.random() < p:
-                window = guidance_window(max_steps, np_rng, args.guidance)
-            agent.eval()
-            episode, (stats, _) = run_episode(env, agent, np_rng, max_steps, prior_window=window,
-                                              prior=PriorActor(prior, setup.device) if prior is not None else None,
-                                              random_actions=warm and not use_guidance)
-            agent.train()
+            episode, stats, window = collect_episode(args, setup, env, agent, prior, np_rng, max_steps, warm, p)
             save_episode(replay_path(out_dir, counters["episodes"]), episode)
             online.add(episode)
             counters["episodes"] += 1
@@ -1464,19 +1491,10 @@ def main(args: Args) -> None:
             done = counters["env_frames"] >= args.env_steps
             if counters["env_frames"] >= (counters["evals"] + 1) * preset["eval_every"] or done:
                 eval_env = eval_env or make_env(args.task, seed=args.seed + 10_000 + counters["evals"])
-                agent.eval()
-                result, video = evaluate(eval_env, agent, preset["eval_episodes"], max_steps, np_rng)
-                agent.train()
                 counters["evals"] = max(counters["evals"] + 1, counters["env_frames"] // preset["eval_every"])
-                logs.write("metrics", {"env_steps": counters["env_frames"], **result,
-                                       "wall_time": wall_offset + time.time() - wall0,
-                                       "train_updates": counters["updates"], "guidance_p": p,
-                                       "episodes": counters["episodes"]},
-                           {f"eval/{k[5:]}": v for k, v in result.items()})
-                if args.video and video:
-                    write_video(out_dir / "videos" / f"eval-{counters['env_frames']:07d}.mp4", video)
-                print(f"[eval] {counters['env_frames']} frames: "
-                      + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+                evaluate_policy(args, setup, eval_env, agent, np_rng, max_steps, counters["env_frames"], logs,
+                                {"wall_time": wall_offset + time.time() - wall0, "train_updates": counters["updates"],
+                                 "guidance_p": p, "episodes": counters["episodes"]})
                 checkpoint()
             elif done or counters["env_frames"] - counters["last_ckpt_frames"] >= args.checkpoint_every:
                 checkpoint()
@@ -1864,7 +1882,7 @@ def make_env(task: str, seed: int, image_size: int = 64, action_repeat: int = 2)
     return PixelEnv(task, seed, image_size=image_size, action_repeat=action_repeat)
 # ==== end environments ====
 
-# ==== shared retrieval function: an identical copy lives in finetune_gsa.py ====
+# ==== retrieve: verbatim copy of retrieval.py's, the original (tests keep them identical) ====
 def retrieve(index, meta: dict, query_features: np.ndarray, k: int, action_dim: Optional[int] = None):
     """Eq. 4: the k offline episodes whose first-frame features are nearest to the query features.
 
@@ -1904,9 +1922,9 @@ def retrieve(index, meta: dict, query_features: np.ndarray, k: int, action_dim: 
     _, first = np.unique(ids, return_index=True)  # each row's first (= smallest) distance
     first = np.sort(first)[:want]
     return [(dict(rows[i]), float(d)) for i, d in zip(ids[first].tolist(), dist[first].tolist())]
-# ==== end shared retrieval function ====
+# ==== end retrieve ====
 
-# ==== shared query rendering: an identical copy lives in finetune_gsa.py (tests keep them in sync) ====
+# ==== query rendering: verbatim copy of retrieval.py's, the original (tests keep them identical) ====
 QUERY_SEED_OFFSET = 20_000  # the query env's seed is the run's seed plus this, apart from the train/eval envs'
 QUERY_CAMERA = {"sawyer": ("corner2", (0.75, 0.075, 0.7)), "quadruped": (2, None)}  # corner2 moved closer
 QUERY_STOCK_TASK = {"cartpole": "balance", "acrobot": "swingup", "walker": "walk", "cheetah": "run",
@@ -1955,9 +1973,9 @@ def render_reset_frames(task: str, num_resets: int, seed: int, size: int = 64) -
     renderer.close()
     env.close()
     return np.stack(frames)
-# ==== end shared query rendering ====
+# ==== end query rendering ====
 
-# ==== shared model classes: identical copies live in finetune_gsa.py (and ModelConfig/Encoder in retrieval.py); tests keep them in sync ====
+# ==== world-model classes: verbatim copies of pretrain_wm.py's, the originals (tests compare the source) ====
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild the world model; saved in every checkpoint as `model_config`."""
@@ -2276,7 +2294,7 @@ class WorldModel(nn.Module):
                        "kl_dyn": dyn.mean().detach(), "kl_rep": rep.mean().detach(),
                        "post_ent": ent(post["logits"].detach()), "prior_ent": ent(prior["logits"].detach())}
         return loss, metrics, post
-# ==== end shared model classes ====
+# ==== end world-model classes ====
 
 # The world model of each named size: pretrain_wm.py's SIZES without its batch shape (tests check they agree;
 # fine-tuning's batch shape is in AGENT_SIZES).

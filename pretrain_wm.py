@@ -13,6 +13,7 @@ each episode is checked when it is loaded (sha256, shapes, finite actions in [-1
 Example:
     python pretrain_wm.py --data-dir data --out-dir runs/wm --embodiments all --size xs --steps 20000
     torchrun --nproc_per_node 2 pretrain_wm.py --data-dir data --out-dir runs/wm --size s   # data-parallel
+Under torchrun every process trains on its own GPU, cuda:LOCAL_RANK (NCCL), or on the CPU (gloo).
 """
 import os
 
@@ -43,26 +44,34 @@ import torch.nn.functional as F
 import tyro
 
 
+SCRIPT = "pretrain_wm.py"
+MANIFEST_FORMAT_VERSION = 1  # of collect_offline.py's manifest.json (the same constant there)
+CHECKPOINT_FORMAT_VERSION = 1  # of the wm.pt written here (retrieval.py and finetune_gsa.py read it)
 EMBODIMENTS = ("cartpole", "acrobot", "walker", "cheetah", "quadruped", "sawyer")
 ACTION_DIMS = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
 MAX_ACTION_DIM = 12
-MANIFEST_FORMAT_VERSION = 1
 ACTION_TOLERANCE = 1e-6  # stored actions may exceed [-1, 1] by float rounding, no more
-CHECKPOINT_FORMAT_VERSION = 1
-SCRIPT = "pretrain_wm.py"
 
 
 @dataclass
 class Args:
+    data_dir: str = "data/offline"
+    """offline data (collect_offline.py's --out-dir: manifest.json + episode .npz files)"""
     out_dir: str = "runs/pretrain"
     """run directory: wm.pt, args.json, metrics.jsonl, tb/, videos/ (finetune_gsa.py's default --checkpoint is
     runs/pretrain/wm.pt)"""
-    data_dir: str = "data/offline"
-    """offline dataset written by collect_offline.py (manifest.json + episode .npz files; its default out dir)"""
     seed: int = 0
     """seed of model init, latent sampling and the data sampler"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto = cuda when available; under torchrun each rank takes cuda:LOCAL_RANK"""
+    device: str = "auto"
+    """torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    threads: Optional[int] = None
+    """torch CPU threads (default: torch's choice); set it when other processes share the cores"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """matmul/conv precision of the updates: auto = bf16 autocast on GPU, fp32 on CPU; bf16 on a CPU with
+    AVX512-BF16 or AMX about halves the update time (README, Speed); on one without them it is slower"""
+    resume: bool = False
+    """continue the run in --out-dir from its wm.pt (required to reuse a run directory that holds one); the
+    data and the run-defining args must be the same"""
     embodiments: str = "all"
     """comma-separated names, `dmc` (first five), `metaworld` (= sawyer), or `all` (every embodiment in the
     data); an asked-for embodiment without episodes is an error"""
@@ -70,8 +79,6 @@ class Args:
     """named model and batch size (SIZES): tiny = tests, xs = CPU, s = DreamerV3 S, paper = ~280M params"""
     steps: int = 200_000
     """total gradient updates (the paper pre-trains 200k)"""
-    resume: bool = False
-    """continue from <out-dir>/wm.pt (if present) with the same data and run-defining args"""
     batch_size: Optional[int] = None
     """sequences per update per process (default: the size's; paper 32)"""
     seq_len: Optional[int] = None
@@ -106,12 +113,6 @@ class Args:
     """write <out-dir>/wm.pt atomically every this many updates, and at the end"""
     log_every: int = 100
     """metrics.jsonl / TensorBoard / progress line every this many updates (averaged over them)"""
-    threads: Optional[int] = None
-    """torch CPU threads per process (default: torch's choice)"""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """matmul/conv precision: auto = bf16 autocast on GPU, fp32 on CPU; bf16 on a CPU with AVX512-BF16 or AMX
-    about halves the update time (README, Speed); on a CPU without them it is slower than fp32"""
-
 
 RUN_DEFINING = ("embodiments", "size", "seed", "batch_size", "seq_len", "lr", "adam_eps", "weight_decay",
                 "grad_clip", "dyn_scale", "rep_scale", "free_nats", "pool_mb", "pool_swaps_per_step",
@@ -121,7 +122,7 @@ RUN_DEFINING = ("embodiments", "size", "seed", "batch_size", "seq_len", "lr", "a
 # Valid range of every numeric flag, (low, high) inclusive, None = unbounded; checked by check_ranges before
 # anything is written. tests/ check that every int/float field of Args has an entry.
 ARG_RANGES = {
-    "seed": (0, 2**32 - 1),  # numpy's seed range
+    "seed": (0, 2**32 - 1),  # 32 bits, as collect_offline.py takes
     "steps": (0, None),  # 0: save and evaluate the initial model
     "batch_size": (1, None),
     "seq_len": (1, None),
@@ -157,6 +158,17 @@ def check_ranges(args) -> None:
         if (low is not None and value < low) or (high is not None and value > high):
             valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
             fail(f"{flag} must be {valid}, got {value}")
+
+
+# Named sizes (`--size`): ModelConfig fields plus the batch shape. Same names and world-model fields in
+# finetune_gsa.py (tested). `paper` is the release's large config (~280M parameters, GPU only).
+SIZES = {
+    "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, blocks=2, batch_size=4, seq_len=8),
+    "xs": dict(cnn_depth=16, deter=256, hidden=256, stoch=16, classes=16, blocks=1, batch_size=8, seq_len=32),
+    "s": dict(cnn_depth=32, deter=512, hidden=512, stoch=32, classes=32, blocks=1, batch_size=16, seq_len=64),
+    "paper": dict(cnn_depth=96, deter=12288, hidden=1536, stoch=32, classes=96, blocks=8, batch_size=32,
+                  seq_len=64),
+}
 
 
 def fail(message: str):
@@ -283,7 +295,8 @@ class EpisodePool:
     the training set, so in the long run every episode is equally present and sequences are sampled
     uniformly across episodes. Which slot and episode is a function of the sampler's RNG only: a background
     thread merely prefetches (reads, verifies, decompresses) the next scheduled episodes, so training is
-    deterministic and resumable. The pool's state (slot contents, queued episodes, RNG) goes in checkpoints.
+    deterministic and resumable. Checkpoints hold the pool's state (slot contents, queued episodes) and,
+    with the other RNG states, its generator's (see rng_state).
     """
 
     PREFETCH = 4
@@ -312,12 +325,12 @@ class EpisodePool:
 
     # -- state --------------------------------------------------------------------------------------------
     def fill(self, state: Optional[dict] = None):
-        """Load the initial pool (fresh: a uniform draw without replacement) or restore a saved one."""
+        """Load the initial pool (fresh: a uniform draw without replacement) or restore a saved one (its
+        generator's state is restored apart, by set_rng_state)."""
         if state is None:
             self.slot_ids = [int(i) for i in self.rng.choice(len(self.rows), self.slots, replace=False)]
             self.queue = [int(self.rng.integers(len(self.rows))) for _ in range(self.PREFETCH)]
         else:
-            self.rng.bit_generator.state = state["rng"]
             self.slot_ids, self.queue = list(state["slot_ids"]), list(state["queue"])
             if len(self.slot_ids) != self.slots or not all(0 <= i < len(self.rows) for i in self.slot_ids + self.queue):
                 raise ValueError(f"the saved pool of {len(self.slot_ids)} episodes does not fit this one of "
@@ -328,7 +341,7 @@ class EpisodePool:
             self._thread.start()
 
     def state(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "slot_ids": list(self.slot_ids), "queue": list(self.queue)}
+        return {"slot_ids": list(self.slot_ids), "queue": list(self.queue)}
 
     def close(self):
         with self._cond:
@@ -395,7 +408,7 @@ class EpisodePool:
         return out
 
 
-# ==== shared model classes: identical copies live in finetune_gsa.py (and ModelConfig/Encoder in retrieval.py); tests keep them in sync ====
+# ==== shared model classes, the originals: verbatim copies in finetune_gsa.py, the encoder part in retrieval.py ====
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild the world model; saved in every checkpoint as `model_config`."""
@@ -717,17 +730,6 @@ class WorldModel(nn.Module):
 # ==== end shared model classes ====
 
 
-# Named sizes (`--size`): ModelConfig fields plus the batch shape. Same names and world-model fields in
-# finetune_gsa.py (tested). `paper` is the release's large config (~280M parameters, GPU only).
-SIZES = {
-    "tiny": dict(cnn_depth=4, deter=32, hidden=32, stoch=4, classes=4, blocks=2, batch_size=4, seq_len=8),
-    "xs": dict(cnn_depth=16, deter=256, hidden=256, stoch=16, classes=16, blocks=1, batch_size=8, seq_len=32),
-    "s": dict(cnn_depth=32, deter=512, hidden=512, stoch=32, classes=32, blocks=1, batch_size=16, seq_len=64),
-    "paper": dict(cnn_depth=96, deter=12288, hidden=1536, stoch=32, classes=96, blocks=8, batch_size=32,
-                  seq_len=64),
-}
-
-
 def keep_freed_memory() -> bool:
     """glibc only: serve large tensors from the heap and never give freed memory back. By default each large
     allocation is a fresh mmap whose pages fault in zeroed on first touch; an update allocates gigabytes of
@@ -740,6 +742,26 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter ids from malloc.h
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def resolve_device(spec: str, local_rank: int, world_size: int) -> torch.device:
+    """--device as a torch.device. Under torchrun each process takes its own GPU, cuda:LOCAL_RANK, so there
+    --device cuda (or auto) names the kind of device and an explicit index is refused."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
+    except RuntimeError:
+        fail(f"--device {spec!r} is not a torch device; use auto, cpu, cuda, cuda:1, ...")
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        fail(f"--device {spec} but no CUDA device is available")
+    if world_size > 1 and device.index is not None:
+        fail(f"--device {spec} names one GPU, but under torchrun each process takes cuda:LOCAL_RANK; pass --device "
+             f"cuda")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        fail(f"--device {spec}: cuda:{index} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    return torch.device("cuda", index)
 
 
 def size_config(size: str) -> ModelConfig:
@@ -893,30 +915,23 @@ def fail_on_full_disk():
              f"the same command with --resume")
 
 
-def rng_state(device: torch.device) -> dict:
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+def rng_state(np_rng: np.random.Generator, device: torch.device) -> dict:
+    """This process's RNG states, encoded as finetune_gsa.py encodes its own: numpy's generator (the data
+    sampler's) and python's as JSON strings, torch's as tensors; CUDA's of this process's device only."""
+    state = {"numpy": json.dumps(np_rng.bit_generator.state), "python": json.dumps(random.getstate()),
+             "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict, device: torch.device):
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+def set_rng_state(state: dict, np_rng: np.random.Generator, device: torch.device) -> None:
+    np_rng.bit_generator.state = json.loads(state["numpy"])
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _py(obj):
-    """Python's random state arrives as lists after a weights_only round trip; make them tuples again."""
-    if isinstance(obj, list):
-        return tuple(_py(x) for x in obj)
-    return obj
 
 
 def first_sentence(e: BaseException) -> str:
@@ -935,15 +950,21 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (truncated, random bytes, a pickle with code: all a damaged file)
         damaged_checkpoint(path, e)
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION \
-            or ckpt.get("script") != SCRIPT:
-        fail(f"{path} is not a {SCRIPT} checkpoint of format version {CHECKPOINT_FORMAT_VERSION}; choose "
-             f"another --out-dir")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        fail(f"{path} is not a {SCRIPT} checkpoint; choose another --out-dir")
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        fail(f"{path} has format version {ckpt.get('format_version')!r}, and this script resumes only version "
+             f"{CHECKPOINT_FORMAT_VERSION}; choose another --out-dir")
     fields = {"args": dict, "model_config": dict, "model": dict, "optimizer": dict, "step": int, "rng": dict,
               "embodiments": list, "manifest_sha256": str}
     wrong = [k for k, kind in fields.items() if not isinstance(ckpt.get(k), kind)]
     if wrong:
         damaged_checkpoint(path, KeyError(f"missing or mistyped {', '.join(wrong)}"))
+    ranks = ckpt["rng"].get("ranks")
+    if not ranks or not all(isinstance(r, dict) and isinstance(r.get("numpy"), str) for r in ranks):
+        # written before RNG states were stored as JSON (2026-11-30)
+        fail(f"{path} stores its RNG state in an older encoding, so this run cannot continue exactly; its model "
+             f"still serves retrieval.py and finetune_gsa.py. Choose another --out-dir to pre-train again")
     return ckpt
 
 
@@ -999,10 +1020,8 @@ def main(args: Args):
     # -- distributed set-up (torchrun sets these variables) ------------------------------------------------
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is available")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = resolve_device(args.device, local_rank, world_size)
+    use_cuda = device.type == "cuda"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not use_cuda:
@@ -1038,7 +1057,6 @@ def main(args: Args):
 
     # -- seeding, data (corrupt files fail here, still before any output) ----------------------------------
     random.seed(args.seed + rank)
-    np.random.seed((args.seed + rank) % 2**32)
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     pool = EpisodePool(data_dir, train_rows, seq_len, args.pool_mb, args.pool_swaps_per_step,
                        np.random.default_rng([args.seed, rank]))
@@ -1070,9 +1088,7 @@ def main(args: Args):
             step = saved_step = ckpt["step"]
             ranks = ckpt["rng"].get("ranks", [])
             if len(ranks) == world_size:
-                r = ranks[rank]
-                set_rng_state({"python": _py(r["python"]), "numpy": r["numpy"], "torch": r["torch"],
-                               **({"cuda": r["cuda"]} if "cuda" in r else {})}, device)
+                set_rng_state(ranks[rank], pool.rng, device)
             else:
                 log(f"note: resuming with {world_size} processes from a {len(ranks)}-process checkpoint; "
                     f"data sampling is re-seeded")
@@ -1113,7 +1129,7 @@ def main(args: Args):
 
     def save_checkpoint():
         nonlocal saved_step
-        states = {**rng_state(device), "pool": pool.state()}
+        states = {**rng_state(pool.rng, device), "pool": pool.state()}
         if world_size > 1:
             gathered = [None] * world_size
             torch.distributed.all_gather_object(gathered, states)

@@ -64,7 +64,7 @@ VARIANTS = ("gsa", "jsrl", "no-rehearsal", "no-guidance", "pretrain-only", "no-p
 LABELS = {"gsa": "GSA", "jsrl": "GSA, JSRL-style guidance", "no-rehearsal": "GSA w/o rehearsal",
           "no-guidance": "GSA w/o guidance", "pretrain-only": "pre-train + naive fine-tune",
           "no-pretrain": "DreamerV3 (from scratch)"}
-# Paper results at 150k samples, (GSA, DreamerV3): DMControl return, Meta-World success rate (DESIGN.md §7).
+# Paper results at 150k samples, (GSA, DreamerV3): DMControl return, Meta-World success rate (the paper's tables).
 PAPER_150K = {
     "walker-run": (728, 224), "walker-walk": (959, 809), "quadruped-walk": (934, 145),
     "cheetah-run": (526, 621), "walker-walk-hard": (878, -5), "cartpole-balance": (995, 956),

@@ -40,7 +40,8 @@ def collection(tmp_path_factory):
 def test_episode_files_have_the_contract_format(collection):
     out, _ = collection
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["image_size"] == 64 and manifest["action_repeat"] == 2
+    assert manifest["format_version"] == co.MANIFEST_FORMAT_VERSION
+    assert manifest["image_size"] == 64 and manifest["action_repeat"] == 2
     assert manifest["max_action_dim"] == 12 and manifest["action_dims"] == co.ACTION_DIMS
     rows = manifest["episodes"]
     assert [r["path"] for r in rows] == sorted(r["path"] for r in rows) == [

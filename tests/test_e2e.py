@@ -1,7 +1,7 @@
 """End-to-end: the four stage scripts chained at tiny size in a temp dir, through their command lines only.
 
 collect_offline.py -> pretrain_wm.py -> retrieval.py build/query -> finetune_gsa.py, each as a subprocess, the
-way a user runs them; each stage reads only what the previous one wrote (DESIGN.md §1, §9).
+way a user runs them; each stage reads only what the previous one wrote.
 """
 import json
 import math

@@ -33,7 +33,7 @@ RUN = dict(size="tiny", max_episode_steps=20, threads=1, k=5, video=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Upstream artefacts in the contract formats (DESIGN §3-§5)
+# Upstream artefacts in the formats the stage scripts write and read
 # ---------------------------------------------------------------------------------------------------------
 
 def make_artifacts(root: Path, size: str = "tiny", T: int = 30):

@@ -178,3 +178,10 @@ def test_file_helpers_are_the_same_in_every_stage_script():
         source = inspect.getsource(getattr(ft, name))
         for module in (collect_offline, pretrain_wm, retrieval):
             assert inspect.getsource(getattr(module, name)) == source, (module.__name__, name)
+
+
+def test_format_versions_agree_with_the_scripts_that_write_them():
+    import pretrain_wm
+    import retrieval
+    assert ft.WM_CHECKPOINT_FORMAT_VERSION == pretrain_wm.CHECKPOINT_FORMAT_VERSION
+    assert ft.INDEX_FORMAT_VERSION == retrieval.INDEX_FORMAT_VERSION

@@ -1,6 +1,8 @@
 """Tests of pretrain_wm.py: RSSM pieces, the data pool, training, resume, DDP, bad inputs. Tiny and fast."""
+import ast
 import errno
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -152,10 +154,20 @@ def test_paper_size_parameter_count_on_meta():
 
 
 def test_every_arg_is_used():
-    src = (ROOT / "pretrain_wm.py").read_text()
-    for f in fields(P.Args):
-        assert re.search(rf"args\.{f.name}\b|\"{f.name}\"", src.split("def main")[1]) or \
-            f"args.{f.name}" in src, f.name
+    # Read from the code's structure: every Args field is read as `args.<field>` somewhere outside Args itself.
+    tree = ast.parse(inspect.getsource(P))
+    used = {node.attr for top in tree.body if not (isinstance(top, ast.ClassDef) and top.name == "Args")
+            for node in ast.walk(top)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"}
+    unused = [f.name for f in fields(P.Args) if f.name not in used]
+    assert not unused, f"flags that do nothing: {unused}"
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x"])
+def test_a_device_that_is_not_one_is_named(spec, data, tmp_path):
+    with pytest.raises(SystemExit, match=f"--device '{spec}' is not a torch device"):
+        run(data, tmp_path / "out", device=spec)
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +218,8 @@ def test_tiny_run_learns_and_writes_outputs(data, tmp_path):
                 lr=1e-3)
     assert lines[-1]["loss"] < 0.8 * lines[0]["loss"], (lines[0]["loss"], lines[-1]["loss"])
     ckpt = torch.load(out / "wm.pt", weights_only=True)
-    assert ckpt["format_version"] == 1 and ckpt["script"] == "pretrain_wm.py" and ckpt["step"] == 40
+    assert ckpt["format_version"] == P.CHECKPOINT_FORMAT_VERSION and ckpt["script"] == "pretrain_wm.py"
+    assert ckpt["step"] == 40
     assert ckpt["embodiments"] == list(P.EMBODIMENTS)
     assert ckpt["manifest_sha256"] == hashlib.sha256((data / "manifest.json").read_bytes()).hexdigest()
     wm = P.WorldModel(P.ModelConfig(**ckpt["model_config"]))
@@ -409,6 +422,27 @@ def test_damaged_checkpoint_is_named_on_resume(damage, data, finished):
         torch.save(ckpt, ckpt_path)
     before = snapshot(finished)
     with pytest.raises(SystemExit, match=r"checkpoint .*wm.pt is damaged \(.*\); delete it to start this run over"):
+        run(data, finished, steps=6, checkpoint_every=4, eval_every=4, resume=True)
+    assert snapshot(finished) == before
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_on_resume(data, finished):
+    ckpt = torch.load(finished / "wm.pt", weights_only=True)
+    ckpt["format_version"] = P.CHECKPOINT_FORMAT_VERSION + 1
+    torch.save(ckpt, finished / "wm.pt")
+    before = snapshot(finished)
+    with pytest.raises(SystemExit, match=rf"wm.pt has format version {P.CHECKPOINT_FORMAT_VERSION + 1}, and this "
+                                         rf"script resumes only version {P.CHECKPOINT_FORMAT_VERSION}"):
+        run(data, finished, steps=6, checkpoint_every=4, eval_every=4, resume=True)
+    assert snapshot(finished) == before
+
+
+def test_a_checkpoint_with_the_old_rng_encoding_is_refused_on_resume(data, finished):
+    ckpt = torch.load(finished / "wm.pt", weights_only=True)
+    ckpt["rng"]["ranks"][0]["numpy"] = {"key": torch.zeros(624, dtype=torch.int64), "pos": 0}  # before JSON
+    torch.save(ckpt, finished / "wm.pt")
+    before = snapshot(finished)
+    with pytest.raises(SystemExit, match="older encoding, so this run cannot continue exactly"):
         run(data, finished, steps=6, checkpoint_every=4, eval_every=4, resume=True)
     assert snapshot(finished) == before
 

@@ -1,4 +1,5 @@
 """Tests of retrieval.py (Eq. 4): encoder parity with pretrain_wm.py, exact search, index files, errors."""
+import ast
 import dataclasses
 import errno
 import hashlib
@@ -37,7 +38,7 @@ def synthetic_frame(embodiment: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_dataset(root: Path, per_embodiment: int = 3, steps: int = 3, seed: int = 0) -> Path:
-    """A data directory in the collect_offline.py contract format (CONTRACTS.md)."""
+    """A data directory as collect_offline.py writes one: manifest.json and <embodiment>/<name>.npz files."""
     rng, episodes = np.random.default_rng(seed), []
     for emb in retrieval.EMBODIMENTS:
         (root / emb).mkdir(parents=True, exist_ok=True)
@@ -53,8 +54,9 @@ def make_dataset(root: Path, per_embodiment: int = 3, steps: int = 3, seed: int 
                              "policy": "synthetic", "noise_scale": None, "seed": j,
                              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     episodes.sort(key=lambda e: e["path"])
-    manifest = {"format_version": 1, "image_size": 64, "action_repeat": 2, "max_action_dim": 12,
-                "action_dims": dict(retrieval.ACTION_DIMS), "collection": {}, "episodes": episodes}
+    manifest = {"format_version": retrieval.MANIFEST_FORMAT_VERSION, "image_size": 64, "action_repeat": 2,
+                "max_action_dim": 12, "action_dims": dict(retrieval.ACTION_DIMS), "collection": {},
+                "episodes": episodes}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -64,7 +66,7 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = pretrain_wm.ModelConfig(**TINY)
     model = pretrain_wm.WorldModel(cfg)
-    torch.save({"format_version": 1, "script": "pretrain_wm.py", "args": {},
+    torch.save({"format_version": pretrain_wm.CHECKPOINT_FORMAT_VERSION, "script": "pretrain_wm.py", "args": {},
                 "model_config": dataclasses.asdict(cfg), "model": model.state_dict(), "step": 0,
                 "embodiments": list(retrieval.EMBODIMENTS), "manifest_sha256": ""}, path)
     return path
@@ -92,6 +94,13 @@ def brute_force(features, queries, k, action_dims=None, action_dim=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+def test_format_versions_agree_with_the_scripts_that_write_the_files():
+    import collect_offline
+
+    assert retrieval.MANIFEST_FORMAT_VERSION == collect_offline.MANIFEST_FORMAT_VERSION
+    assert retrieval.CHECKPOINT_FORMAT_VERSION == pretrain_wm.CHECKPOINT_FORMAT_VERSION
+
 
 def test_shared_classes_are_verbatim_copies_of_pretrain_wm():
     for name in ("ModelConfig", "Encoder", "ChannelNorm", "BlockLinear", "_trunc_normal_init"):
@@ -346,7 +355,7 @@ def test_cli_query_with_task_renders_resets(built):
 
 
 def test_metaworld_reset_frames():
-    # own process: Meta-World and dm_control rendering must not share one (SETUP.md trap 2)
+    # own process: after a Meta-World render, dm_control's frames in the same process can be garbage
     code = ("import numpy as np, retrieval; f = retrieval.render_reset_frames('mw-reach', 3, 0); "
             "assert f.shape == (3, 64, 64, 3) and f.dtype == np.uint8 and f.std() > 10, f.shape; "
             "assert (f[0] != f[1]).any() or (f[1] != f[2]).any(), 'same goal at every reset'; print('ok')")
@@ -355,10 +364,15 @@ def test_metaworld_reset_frames():
 
 
 def test_every_flag_is_used():
-    source = inspect.getsource(retrieval)
+    # Read from the code's structure: every field is read as `args.<field>` somewhere outside the Args classes.
+    tree = ast.parse(inspect.getsource(retrieval))
+    used = {node.attr for top in tree.body
+            if not (isinstance(top, ast.ClassDef) and top.name in ("BuildArgs", "QueryArgs"))
+            for node in ast.walk(top)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"}
     for cls in (retrieval.BuildArgs, retrieval.QueryArgs):
-        for field in dataclasses.fields(cls):
-            assert f"args.{field.name}" in source, f"{cls.__name__}.{field.name} is never read"
+        unused = [f.name for f in dataclasses.fields(cls) if f.name not in used]
+        assert not unused, f"{cls.__name__}: flags that do nothing: {unused}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,12 +380,10 @@ def test_every_flag_is_used():
 # ---------------------------------------------------------------------------------------------------------
 
 def test_query_rendering_is_finetune_gsa_copy():
-    import inspect
-
     import finetune_gsa as ft
     for name in ("render_reset_frames",):
         assert inspect.getsource(getattr(ft, name)) == inspect.getsource(getattr(retrieval, name))
-    for name in ("QUERY_SEED_OFFSET", "QUERY_CAMERA", "QUERY_STOCK_TASK"):
+    for name in ("QUERY_SEED_OFFSET", "QUERY_CAMERA", "QUERY_STOCK_TASK", "TASK_NAMES"):
         assert getattr(ft, name) == getattr(retrieval, name), name
     assert retrieval.QueryArgs().query_resets == ft.Args().query_resets
     assert retrieval.QueryArgs().seed == ft.Args().seed
@@ -380,8 +392,8 @@ def test_query_rendering_is_finetune_gsa_copy():
 @pytest.mark.parametrize("task", ["mw-drawer-open", "walker-run-backwards"])
 def test_query_frames_are_seeded_and_match_finetuning_env_resets(task):
     # own processes (Meta-World and dm_control rendering must not share one). Two processes, same seed: the
-    # same frames (Meta-World's goals once came from numpy's unseeded global generator); and they are the
-    # first frames of fine-tuning's own env seeded alike.
+    # same frames (Meta-World draws goals from numpy's unseeded global generator unless told otherwise); and
+    # they are the first frames of fine-tuning's own env seeded alike.
     code = ("import hashlib, numpy as np, retrieval, finetune_gsa as ft; "
             f"f = retrieval.render_reset_frames('{task}', 2, 3); "
             f"env = ft.make_env('{task}', seed=3 + ft.QUERY_SEED_OFFSET); "

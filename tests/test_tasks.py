@@ -1,7 +1,7 @@
-"""Tests of the environment section (task list, pixel envs, custom rewards; DESIGN.md §2, TASKS.md).
+"""Tests of the environment section (task list, pixel envs, custom rewards of the paper's tasks).
 
 The section lives in finetune_gsa.py; until it is pasted there it is the module gsa_tasks.py.
-Every custom reward is checked against an independent computation of the TASKS.md formula.
+Every custom reward is checked against an independent computation of its formula.
 """
 import math
 
@@ -89,7 +89,7 @@ def test_dmc_episode_is_1000_frames_and_step_after_end_raises():
     env.close()
 
 
-# --- custom DMC rewards against the TASKS.md formulas ------------------------------------------------------
+# --- custom DMC rewards against their formulas -------------------------------------------------------------
 
 def _set_state(env, qpos, qvel):
     physics = env._env.physics

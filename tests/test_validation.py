@@ -1,8 +1,11 @@
 """Bad flags fail before anything is written, naming the flag: every int/float field of every Args class of
 collect_offline.py, pretrain_wm.py and retrieval.py has a stated range (ARG_RANGES), and for each bound a value
 just outside it stops main() before --out-dir exists. Generated from the dataclasses, so a new numeric flag
-without a range fails here. Fast: nothing real runs."""
+without a range fails here. The settings every stage shares read the same in all four scripts. Fast: nothing real
+runs."""
+import ast
 import dataclasses
+import inspect
 import math
 import os
 import re
@@ -130,3 +133,26 @@ def test_command_line_names_the_flag_without_a_traceback(script, argv, tmp_path)
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1 and f"{script}: error: {argv[-2]} must be >= " in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def field_help(cls) -> dict:
+    """{field name: the docstring under it} of a dataclass, read from its source as tyro reads it."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {stmt.target.id: after.value.value for stmt, after in zip(body, body[1:])
+            if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
+
+
+def test_shared_settings_read_the_same_in_every_script():
+    import finetune_gsa
+
+    classes = [collect_offline.Args, pretrain_wm.Args, retrieval.BuildArgs, retrieval.QueryArgs, finetune_gsa.Args]
+    for name in ("seed", "device", "threads", "precision", "resume"):
+        having = [cls for cls in classes if name in typing.get_type_hints(cls)]
+        hints = {f"{cls.__module__}.{cls.__name__}": typing.get_type_hints(cls)[name] for cls in having}
+        assert len(set(hints.values())) == 1, f"--{name} has different types: {hints}"
+        if name in ("device", "precision"):  # the same choices, so the same help
+            helps = {f"{cls.__module__}.{cls.__name__}": field_help(cls)[name] for cls in having}
+            assert len(set(helps.values())) == 1, f"--{name} has different help texts: {helps}"
+    seeds = {f"{cls.__module__}.{cls.__name__}": cls().seed for cls in classes}
+    assert set(seeds.values()) == {0}, f"default seeds differ: {seeds}"
