@@ -15,17 +15,19 @@ FRAMES=${FRAMES:-20000}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-3000}
 TASK=${TASK:-mw-drawer-open}
 mkdir -p "$EXP"
-echo "[$(date +%T)] collect -> $EXP/data"
-$PY collect_offline.py --out-dir "$EXP/data" --embodiments walker,cheetah,sawyer --episodes-per-embodiment 60 \
-    --mw-tasks reach,drawer-open,drawer-close,button-press,door-open,window-open,push,plate-slide,faucet-open,handle-press \
-    --mw-episodes-per-task 20 --explorer-steps 20000 --seed 0 --num-workers 1 >> "$EXP/collect.log" 2>&1
-echo "[$(date +%T)] pre-train -> $EXP/pretrain"
-resume=""; [ -f "$EXP/pretrain/wm.pt" ] && resume="--resume"
-$PY pretrain_wm.py --data-dir "$EXP/data" --out-dir "$EXP/pretrain" --embodiments walker,cheetah,sawyer --size xs \
-    --steps "$PRETRAIN_STEPS" --seed 0 --threads 1 $resume >> "$EXP/pretrain.log" 2>&1
-echo "[$(date +%T)] index -> $EXP/index"
-[ -f "$EXP/index/index.faiss" ] || $PY retrieval.py build --checkpoint "$EXP/pretrain/wm.pt" --data-dir "$EXP/data" \
-    --out-dir "$EXP/index" >> "$EXP/index.log" 2>&1
+if [ ! -f "$EXP/index/index.faiss" ]; then  # the index is built last: once it exists, so do data and model
+  echo "[$(date +%T)] collect -> $EXP/data"
+  $PY collect_offline.py --out-dir "$EXP/data" --embodiments walker,cheetah,sawyer --episodes-per-embodiment 60 \
+      --mw-tasks reach,drawer-open,drawer-close,button-press,door-open,window-open,push,plate-slide,faucet-open,handle-press \
+      --mw-episodes-per-task 20 --explorer-steps 20000 --seed 0 --num-workers 1 >> "$EXP/collect.log" 2>&1
+  echo "[$(date +%T)] pre-train -> $EXP/pretrain"
+  resume=""; [ -f "$EXP/pretrain/wm.pt" ] && resume="--resume"
+  $PY pretrain_wm.py --data-dir "$EXP/data" --out-dir "$EXP/pretrain" --embodiments walker,cheetah,sawyer --size xs \
+      --steps "$PRETRAIN_STEPS" --seed 0 --threads 1 $resume >> "$EXP/pretrain.log" 2>&1
+  echo "[$(date +%T)] index -> $EXP/index"
+  $PY retrieval.py build --checkpoint "$EXP/pretrain/wm.pt" --data-dir "$EXP/data" --out-dir "$EXP/index" \
+      >> "$EXP/index.log" 2>&1
+fi
 out="$EXP/finetune/$TASK-gsa-s$SEED"
 resume=""; [ -f "$out/ckpt.pt" ] && resume="--resume"
 echo "[$(date +%T)] fine-tune -> $out"
