@@ -60,36 +60,55 @@ def main(args: Args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [Path(r).expanduser() for r in args.runs]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    fig, axes = plt.subplots(len(runs), 4, figsize=(20, 4 * len(runs)), squeeze=False)
     summary = []
-    for run in runs:
+    for row, run in zip(axes, runs):
         a = json.loads((run / "args.json").read_text())
-        label = f"{a['task']} r{a['resolved']['train_ratio']:g} s{a['seed']}" + ("" if a["no_pretrain"] else " GSA")
+        guided = not (a["no_pretrain"] or a["no_guidance"])
+        label = (f"{a['task']} {'GSA' if guided else 'from scratch'}, train ratio {a['resolved']['train_ratio']:g}, "
+                 f"entropy {a['entropy_scale']:g}, seed {a['seed']}")
         evals, train, eps = jsonl(run / "metrics.jsonl"), jsonl(run / "train.jsonl"), jsonl(run / "episodes.jsonl")
         warm = [e["return"] for e in eps if e["warmup"]]
         x = [e["env_steps"] for e in evals]
-        key = "eval_success" if evals and "eval_success" in evals[0] else "eval_return"
-        axes[0].plot(x, [e[key] for e in evals], "o-", label=label)
+        row[0].plot(x, [e["eval_return"] for e in evals], "o-", label="eval return (policy mode)")
+        if "eval_success" in (evals[0] if evals else {}):
+            for e in evals:
+                row[0].annotate(f"{e['eval_success']:.1f}", (e["env_steps"], e["eval_return"]), fontsize=7)
         if warm:
-            axes[0].axhline(np.mean(warm), ls=":", lw=1, color=axes[0].lines[-1].get_color())
+            row[0].axhline(np.mean(warm), ls=":", color="gray",
+                           label=f"warm-up episodes ({'the prior' if guided else 'random actions'})")
+        ref = reference_curve(Path(args.reference), a["task"])
+        if ref:
+            row[0].plot(*zip(*ref), "k--", label="DreamerV3, published (larger model, train ratio 512)")
         t = [r["env_steps"] for r in train]
-        axes[1].plot(t, [r["entropy"] for r in train], label=label)
-        axes[2].plot(t, [r["imag_reward"] for r in train], label=f"{label}: imagined")
+        row[1].plot(t, [r["entropy"] for r in train])
+        row[2].plot(t, [r["imag_reward"] for r in train], label="imagined")
         split = [r for r in train if "imag_reward_offline_starts" in r]
         if split:  # rehearsal runs: imagination from online rows against from D_r rows
             ts = [r["env_steps"] for r in split]
-            for key, style, where in (("online", "--", "online"), ("offline", ":", "D_r")):
-                axes[2].plot(ts, [r[f"imag_reward_{key}_starts"] for r in split], style,
-                             label=f"{label}: imagined, {where} starts")
-        steps = [(e["env_steps"], e["return"] / max(e["length"], 1)) for e in eps]
-        axes[2].plot(*zip(*steps), ".", ms=3, label=f"{label}: real (training episodes)")
+            for origin, style, where in (("online", "--", "online"), ("offline", ":", "D_r")):
+                row[2].plot(ts, [r[f"imag_reward_{origin}_starts"] for r in split], style,
+                            label=f"imagined, {where} starts")
+        row[2].plot([e["env_steps"] for e in eps], [e["return"] / max(e["length"], 1) for e in eps], ".", ms=4,
+                    label="real (training episodes)")
         pairs = [(e["env_steps"], e["value_first"], e["return_discounted"]) for e in eps if "value_first" in e]
         if pairs:
             xs, v, r = zip(*pairs)
-            axes[3].plot(xs, v, "-", label=f"{label}: critic value of first frame")
-            axes[3].plot(xs, r, ".", ms=3, label=f"{label}: discounted return earned")
-        summary.append({"run": run.name, "label": label, "evals": [(e["env_steps"], e[key]) for e in evals],
-                        "random_level": float(np.mean(warm)) if warm else None,
+            row[3].plot(xs, v, "-", label="critic value of the first frame")
+            row[3].plot(xs, r, ".", ms=4, label="discounted return earned")
+        row[3].plot(t, [r["value"] for r in train], "--", label="critic value, imagined states")
+        row[3].plot(t, [r["return_mean"] for r in train], ":", label="lambda-return, imagined states")
+        titles = ["eval return" + (" (success rate annotated)" if "eval_success" in (evals[0] if evals else {}) else ""),
+                  "actor entropy (nats, task dims)", "reward per agent step", "critic value against returns"]
+        for ax, title in zip(row, titles):
+            ax.set_title(f"{label}\n{title}", fontsize=9)
+            ax.set_xlabel("env frames")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        summary.append({"run": run.name, "label": label,
+                        "evals": [{k: e[k] for k in e if k.startswith("eval_") or k == "env_steps"} for e in evals],
+                        "warmup_mean_return": float(np.mean(warm)) if warm else None,
                         "updates": train[-1]["train_updates"] if train else 0,
                         "final_entropy": train[-1]["entropy"] if train else None,
                         "wall_time_h": evals[-1]["wall_time"] / 3600 if evals else None})
@@ -98,24 +117,12 @@ def main(args: Args) -> None:
         for name in ("args.json", "metrics.jsonl", "train.jsonl", "episodes.jsonl", "retrieval.json", "bc.json"):
             if (run / name).is_file():
                 shutil.copy(run / name, dest / name)
-    tasks = sorted({json.loads((r / "args.json").read_text())["task"] for r in runs})
-    for task in tasks:
-        ref = reference_curve(Path(args.reference), task)
-        if ref:
-            axes[0].plot(*zip(*ref), "k--", label=f"DreamerV3 (published, {task})")
-    titles = ["eval return (dotted: random-action warm-up episodes)", "actor entropy (nats, task dims)",
-              "reward per agent step", "critic value vs discounted return"]
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("env frames")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "learner-curves.png", dpi=110)
+    fig.savefig(out / "learner-curves.png", dpi=90)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for s in summary:
-        print(s["label"], "evals", [(f, round(v, 1)) for f, v in s["evals"]], "random", s["random_level"],
-              "updates", s["updates"])
+        print(s["label"], "| evals", [(e["env_steps"], round(e["eval_return"], 1)) for e in s["evals"]],
+              "| warm-up mean", s["warmup_mean_return"], "| updates", s["updates"])
 
 
 if __name__ == "__main__":
