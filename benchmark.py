@@ -43,8 +43,10 @@ class Args:
     """torch threads per measurement (the CPU presets are meant for 2)"""
     precision: list[str] = field(default_factory=lambda: ["fp32"])
     """update precisions to measure (pretrain and finetune stages): fp32, bf16 (autocast, as --precision bf16)"""
-    updates: int = 3
-    """timed updates per size (after one untimed warm-up update)"""
+    updates: int = 10
+    """timed updates per size; the median is reported (after `warmup` untimed updates)"""
+    warmup: int = 2
+    """untimed updates first: the first ones allocate memory and pick kernels, which a long run does once"""
     env_steps: int = 200
     """agent steps timed per task in the env stage"""
     retrieval_rows: int = 60_000
@@ -64,9 +66,10 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, repeats: int):
-    """Median wall seconds and CPU seconds of fn() over `repeats` calls, after one warm-up call."""
-    fn()
+def timed(fn, repeats: int, warmup: int = 1):
+    """Median wall seconds and CPU seconds of fn() over `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
     walls, cpus = [], []
     for _ in range(repeats):
         w, c = time.perf_counter(), time.process_time()
@@ -115,7 +118,7 @@ def bench_pretrain(args: Args, size: str) -> dict:
     batch["is_first"][:, 0] = True
     batch = {k: v.to(device) for k, v in batch.items()}
     dtype = torch.bfloat16 if args.precision[0] == "bf16" else None
-    wall, cpu = timed(lambda: P.train_step(wm, opt, batch, pargs, dtype), args.updates)
+    wall, cpu = timed(lambda: P.train_step(wm, opt, batch, pargs, dtype), args.updates, args.warmup)
     return {"precision": args.precision[0], "params_M": sum(p.numel() for p in wm.parameters()) / 1e6, "batch": f"{B}x{T}",
             "s_per_update": wall, "cpu_s_per_update": cpu, "updates_per_s": 1 / wall}
 
@@ -142,6 +145,7 @@ def bench_finetune(args: Args, size: str) -> dict:
     import torch
     import finetune_gsa as F
 
+    F.keep_freed_memory()  # as finetune_gsa.py's main does on a CPU
     torch.manual_seed(0)
     device = torch.device(args.device)
     cfg, preset = F.model_config_for(size), F.AGENT_SIZES[size]
@@ -150,7 +154,7 @@ def bench_finetune(args: Args, size: str) -> dict:
                     precision=args.precision[0]).to(device)
     B, T = preset["batch_size"], preset["seq_len"]
     batch = finetune_batch(B, T, A, online_rows=B - round(0.25 * B), device=device)
-    wall, cpu = timed(lambda: agent.update(batch), args.updates)
+    wall, cpu = timed(lambda: agent.update(batch), args.updates, args.warmup)
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     prev = torch.zeros(12, device=device)
     act_wall, _ = timed(lambda: agent.act(None, prev, image, mode=False), 20)
@@ -257,7 +261,8 @@ def main(args: Args) -> None:
                 continue
             for precision in (args.precision if stage in ("pretrain", "finetune") else ["fp32"]):
                 cmd = [sys.executable, __file__, "--one", f"{stage}:{size}", "--threads", str(args.threads),
-                       "--updates", str(args.updates), "--env-steps", str(args.env_steps),
+                       "--updates", str(args.updates), "--warmup", str(args.warmup),
+                       "--env-steps", str(args.env_steps),
                        "--retrieval-rows", str(args.retrieval_rows), "--device", args.device,
                        "--precision", precision]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -266,7 +271,7 @@ def main(args: Args) -> None:
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(f"measured {stage}:{size} {precision}", flush=True)
     header = (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-              f"{args.threads} torch threads, device {args.device}; median of {args.updates} updates")
+              f"{args.threads} torch threads, device {args.device}; median of {args.updates} updates after {args.warmup}")
     text = header + "\n\n" + table(results)
     print(text)
     if args.out:
