@@ -44,8 +44,8 @@ Choices worth knowing:
     seed + 1000 * episodes, so episodes after a resume differ from those of an uninterrupted run.
   * Sizes: the world-model part (SIZES) is pretrain_wm.py's; AGENT_SIZES holds the rest. paper = appendix J and
     the release; s = DreamerV3 S (2-layer MLPs), the speed-benchmark size; xs = the CPU preset (batch 16 x 32,
-    train ratio 64, i.e. one update per 8 agent steps: ~3k updates in 50k frames, about 1 h at 2 threads;
-    warm-up 5 episodes; BC 2000 steps of a quarter-width CNN); tiny = tests.
+    train ratio 64, i.e. one update per 8 agent steps: ~3k updates in 50k frames, about 2 h on 1 thread;
+    warm-up 5 episodes; BC at most 30k steps of a half-width CNN, early-stopped); tiny = tests.
 """
 import os
 
