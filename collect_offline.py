@@ -578,6 +578,15 @@ def pid_running(pid: int) -> bool:
     except PermissionError:  # it exists, owned by someone else
         return True
     return True
+
+
+def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
+    """Fail unless `path` is a directory or can be made one (no regular file in the way)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                fail(f"{flag} {path}: {p} is not a directory")
+            return
 # ==== end shared file helpers ====
 
 
@@ -773,15 +782,6 @@ def summarize(rows: list) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The output directory: checks before anything is written, leftovers of killed runs, a full disk
 # ----------------------------------------------------------------------------------------------------------
-
-def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
-    """Fail unless `path` is a directory or can be made one (no regular file in the way)."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                fail(f"{flag} {path}: {p} is not a directory")
-            return
-
 
 def check_existing_dataset(out_dir: Path, args: Args, specs: list) -> None:
     """Refuse a run that would change the bytes of the episodes in --out-dir, or silently drop some from its

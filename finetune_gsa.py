@@ -958,6 +958,15 @@ def pid_running(pid: int) -> bool:
     except PermissionError:  # it exists, owned by someone else
         return True
     return True
+
+
+def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
+    """Fail unless `path` is a directory or can be made one (no regular file in the way)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                fail(f"{flag} {path}: {p} is not a directory")
+            return
 # ==== end shared file helpers ====
 
 
@@ -1163,8 +1172,7 @@ def prepare(args: Args) -> Setup:
     out_dir = Path(args.out_dir or f"runs/finetune/{args.task}-{variant_name(args)}-s{args.seed}")
     ckpt_path = out_dir / "ckpt.pt"
     resume = None
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"--out-dir {out_dir} is not a directory")
+    check_out_dir(out_dir)
     if args.resume:
         if ckpt_path.is_file():
             resume = load_torch_file(ckpt_path, "the run's checkpoint",

@@ -891,7 +891,6 @@ def pid_running(pid: int) -> bool:
     except PermissionError:  # it exists, owned by someone else
         return True
     return True
-# ==== end shared file helpers ====
 
 
 def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
@@ -901,6 +900,7 @@ def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
             if not p.is_dir():
                 fail(f"{flag} {path}: {p} is not a directory")
             return
+# ==== end shared file helpers ====
 
 
 @contextlib.contextmanager

@@ -174,7 +174,7 @@ def test_file_helpers_are_the_same_in_every_stage_script():
     import collect_offline
     import pretrain_wm
     import retrieval
-    for name in ("write_atomic", "write_json_atomic", "sweep_stale_temporaries", "pid_running"):
+    for name in ("write_atomic", "write_json_atomic", "sweep_stale_temporaries", "pid_running", "check_out_dir"):
         source = inspect.getsource(getattr(ft, name))
         for module in (collect_offline, pretrain_wm, retrieval):
             assert inspect.getsource(getattr(module, name)) == source, (module.__name__, name)
