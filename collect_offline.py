@@ -142,21 +142,6 @@ ARG_RANGES = {
 }
 
 
-def check_ranges(args) -> None:
-    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
-            continue
-        low, high = ARG_RANGES[field.name]
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f"{flag} must be a finite number, got {value}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
-            fail(f"{flag} must be {valid}, got {value}")
-
-
 SCRIPT = "collect_offline.py"
 MANIFEST_FORMAT_VERSION = 1  # of manifest.json (pretrain_wm.py and retrieval.py read it; the same constant there)
 SNAPSHOT_FORMAT_VERSION = 1  # of the explorer snapshots _explorer/<emb>-stage<k>.pt, read back here only
@@ -587,6 +572,33 @@ def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
             if not p.is_dir():
                 fail(f"{flag} {path}: {p} is not a directory")
             return
+
+
+def check_ranges(args) -> None:
+    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range in ARG_RANGES
+    (the table beside Args). Called first in main, before anything is written."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
+            continue
+        low, high = ARG_RANGES[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+            fail(f"{flag} must be {valid}, got {value}")
+
+
+@contextlib.contextmanager
+def fail_on_full_disk(remedy: str):
+    """A full disk ends the run with a one-line error naming the file and saying what to do (`remedy`)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and {remedy}")
 # ==== end shared file helpers ====
 
 
@@ -821,18 +833,6 @@ def drop_torn_line(path: Path) -> None:
             os.truncate(path, data.rfind(b"\n") + 1)
 
 
-@contextlib.contextmanager
-def fail_on_full_disk():
-    """A full disk ends the run with a one-line error naming the file; finished episodes are kept."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and re-run "
-             f"the same command (it continues where this one stopped)")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Running the jobs: in this process or in a pool of worker processes
 # ----------------------------------------------------------------------------------------------------------
@@ -985,7 +985,7 @@ def collect(args: Args, out_dir: Path, specs: list) -> None:
           f"{out_dir / 'contact_sheet.png'}", flush=True)
 
 
-@fail_on_full_disk()
+@fail_on_full_disk("re-run the same command (it continues where this one stopped)")
 def main(args: Args) -> None:
     check_ranges(args)
     validate(args)

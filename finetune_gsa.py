@@ -54,6 +54,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set bef
 import atexit
 import contextlib
 import copy
+import dataclasses
 import ctypes
 import errno
 import hashlib
@@ -198,19 +199,6 @@ ARG_RANGES = {
     "bc_lr": (1e-8, 1.0),
 }
 
-
-def check_ranges(args) -> None:
-    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
-    for name, (low, high) in ARG_RANGES.items():
-        value = getattr(args, name)
-        if value is None or isinstance(value, bool):
-            continue
-        flag = "--" + name.replace("_", "-")
-        if not math.isfinite(value):
-            fail(f"{flag} must be a finite number, got {value}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"[{low}, {'inf' if high is None else high}]"
-            fail(f"{flag} must be in {bounds}, got {value}")
 
 # Fine-tuning part of the sizes. `paper` follows the paper's appendix and the release (MLPs 3 x 512, batch
 # 16 x 64, horizon 16, train ratio 256, BC at most 150k steps of batch 256 with a 2 x 512 MLP, warm-up 15k
@@ -673,10 +661,7 @@ class Agent(nn.Module):
     @torch.no_grad()
     def first_value(self, image: np.ndarray) -> float:
         """The critic's value of an episode's first frame (to set beside the discounted return it earned)."""
-        device = self.bins.device
-        embed = self.wm.encoder(torch.as_tensor(image, device=device)[None])
-        post, _ = self.wm.rssm.obs_step(self.wm.rssm.initial(1), torch.zeros(1, self.cfg.act_dim, device=device),
-                                        embed, torch.ones(1, dtype=torch.bool, device=device))
+        _, post = self.act(None, torch.zeros(self.cfg.act_dim, device=self.bins.device), image, mode=True)
         return float(twohot_mean(self.critic(self.wm.rssm.get_feat(post)), self.bins)[0])
 
     @torch.no_grad()
@@ -895,8 +880,8 @@ def fail(message: str):
 
 def keep_freed_memory() -> bool:
     """glibc only: serve large tensors from the heap and never give freed memory back. By default each large
-    allocation is a fresh mmap whose pages fault in zeroed on first touch; an update allocates gigabytes of
-    activations, and this setting makes it ~10% cheaper on CPU. Returns whether it took effect."""
+    allocation is a fresh mmap whose pages fault in zeroed on first touch, and an update allocates gigabytes of
+    activations. The gain has not been re-measured on this code (issue 12). Returns whether it took effect."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -967,19 +952,34 @@ def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
             if not p.is_dir():
                 fail(f"{flag} {path}: {p} is not a directory")
             return
-# ==== end shared file helpers ====
+
+
+def check_ranges(args) -> None:
+    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range in ARG_RANGES
+    (the table beside Args). Called first in main, before anything is written."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
+            continue
+        low, high = ARG_RANGES[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+            fail(f"{flag} must be {valid}, got {value}")
 
 
 @contextlib.contextmanager
-def fail_on_full_disk():
-    """A full disk ends the run with a one-line error naming the file; the last checkpoint is kept."""
+def fail_on_full_disk(remedy: str):
+    """A full disk ends the run with a one-line error naming the file and saying what to do (`remedy`)."""
     try:
         yield
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and "
-             f"continue with --resume")
+        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and {remedy}")
+# ==== end shared file helpers ====
 
 
 def read_log_lines(path: Path) -> list:
@@ -1402,7 +1402,7 @@ def evaluate_policy(args: Args, setup: Setup, eval_env, agent: Agent, np_rng, ma
     print(f"[eval] {env_frames} frames: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
 
 
-@fail_on_full_disk()
+@fail_on_full_disk("continue with --resume (the last checkpoint is kept)")
 def main(args: Args) -> None:
     wall0 = time.time()
     setup = prepare(args)

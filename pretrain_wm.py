@@ -145,21 +145,6 @@ ARG_RANGES = {
 }
 
 
-def check_ranges(args) -> None:
-    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
-            continue
-        low, high = ARG_RANGES[field.name]
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f"{flag} must be a finite number, got {value}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
-            fail(f"{flag} must be {valid}, got {value}")
-
-
 # Named sizes (`--size`): ModelConfig fields plus the batch shape. Same names and world-model fields in
 # finetune_gsa.py (tested). `paper` is the release's large config (~280M parameters, GPU only).
 SIZES = {
@@ -732,8 +717,8 @@ class WorldModel(nn.Module):
 
 def keep_freed_memory() -> bool:
     """glibc only: serve large tensors from the heap and never give freed memory back. By default each large
-    allocation is a fresh mmap whose pages fault in zeroed on first touch; an update allocates gigabytes of
-    activations, and this setting makes it ~10% cheaper on CPU. Returns whether it took effect."""
+    allocation is a fresh mmap whose pages fault in zeroed on first touch, and an update allocates gigabytes of
+    activations. The gain has not been re-measured on this code (issue 12). Returns whether it took effect."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -900,19 +885,34 @@ def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
             if not p.is_dir():
                 fail(f"{flag} {path}: {p} is not a directory")
             return
-# ==== end shared file helpers ====
+
+
+def check_ranges(args) -> None:
+    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range in ARG_RANGES
+    (the table beside Args). Called first in main, before anything is written."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
+            continue
+        low, high = ARG_RANGES[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+            fail(f"{flag} must be {valid}, got {value}")
 
 
 @contextlib.contextmanager
-def fail_on_full_disk():
-    """A full disk ends the run with a one-line error naming the file; the last checkpoint is kept."""
+def fail_on_full_disk(remedy: str):
+    """A full disk ends the run with a one-line error naming the file and saying what to do (`remedy`)."""
     try:
         yield
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and re-run "
-             f"the same command with --resume")
+        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and {remedy}")
+# ==== end shared file helpers ====
 
 
 def rng_state(np_rng: np.random.Generator, device: torch.device) -> dict:
@@ -1014,7 +1014,7 @@ def max_rss_mb() -> float:
 # main
 # ---------------------------------------------------------------------------------------------------------
 
-@fail_on_full_disk()
+@fail_on_full_disk("re-run the same command with --resume")
 def main(args: Args):
     check_ranges(args)
     # -- distributed set-up (torchrun sets these variables) ------------------------------------------------

@@ -163,21 +163,6 @@ ARG_RANGES = {
 }
 
 
-def check_ranges(args) -> None:
-    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range."""
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
-            continue
-        low, high = ARG_RANGES[field.name]
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f"{flag} must be a finite number, got {value}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
-            fail(f"{flag} must be {valid}, got {value}")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Retrieval (Sec. 3.3, Eq. 4): first frames -> encoder features -> a Faiss index -> the k nearest episodes
 # ----------------------------------------------------------------------------------------------------------
@@ -506,19 +491,34 @@ def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
             if not p.is_dir():
                 fail(f"{flag} {path}: {p} is not a directory")
             return
-# ==== end shared file helpers ====
+
+
+def check_ranges(args) -> None:
+    """Fail with a message naming the flag (--kebab-case) for any numeric flag outside its range in ARG_RANGES
+    (the table beside Args). Called first in main, before anything is written."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name not in ARG_RANGES or value is None:  # not numeric, or None = "use the default"
+            continue
+        low, high = ARG_RANGES[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            valid = f"in [{low}, {high}]" if None not in (low, high) else f">= {low}" if high is None else f"<= {high}"
+            fail(f"{flag} must be {valid}, got {value}")
 
 
 @contextlib.contextmanager
-def fail_on_full_disk():
-    """A full disk ends the run with a one-line error naming the file; an existing index stays intact."""
+def fail_on_full_disk(remedy: str):
+    """A full disk ends the run with a one-line error naming the file and saying what to do (`remedy`)."""
     try:
         yield
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and re-run "
-             f"the same command")
+        fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and {remedy}")
+# ==== end shared file helpers ====
 
 
 def first_sentence(e: BaseException) -> str:
@@ -702,7 +702,7 @@ def save_grid(path: Path, query_frames: np.ndarray, frames: np.ndarray, match: l
     write_atomic(path, buf.getvalue())
 
 
-@fail_on_full_disk()
+@fail_on_full_disk("re-run the same command (an existing index stays intact)")
 def main(args: Union[BuildArgs, QueryArgs]) -> None:
     check_ranges(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -135,7 +135,7 @@ def test_disk_full_removes_the_temporary_file_and_says_so(tmp_path, monkeypatch)
 
     monkeypatch.setattr("builtins.open", lambda p, mode="r", *a, **k: FullFile(p) if "w" in mode else real_open(p, mode, *a, **k))
     with pytest.raises(SystemExit, match="No space left on device while writing .*x.json"):
-        with ft.fail_on_full_disk():
+        with ft.fail_on_full_disk("continue with --resume"):
             ft.write_atomic(tmp_path / "x.json", b"{}")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
@@ -174,7 +174,8 @@ def test_file_helpers_are_the_same_in_every_stage_script():
     import collect_offline
     import pretrain_wm
     import retrieval
-    for name in ("write_atomic", "write_json_atomic", "sweep_stale_temporaries", "pid_running", "check_out_dir"):
+    for name in ("write_atomic", "write_json_atomic", "sweep_stale_temporaries", "pid_running", "check_out_dir",
+                 "check_ranges", "fail_on_full_disk"):
         source = inspect.getsource(getattr(ft, name))
         for module in (collect_offline, pretrain_wm, retrieval):
             assert inspect.getsource(getattr(module, name)) == source, (module.__name__, name)
