@@ -26,6 +26,7 @@ Reads: nothing (the environments only). Writes, under --out-dir:
   manifest.json                  format version, sizes, the resolved Args, one row per episode, sorted by path
   _explorer/<emb>-stage<k>.pt    exploration-agent actor snapshots (plain dict of tensors, weights_only loadable)
   args.json, metrics.jsonl, tb/ (TensorBoard), contact_sheet.png (first frames, one row per embodiment)
+  with --track, also a Weights & Biases run named collect-<embodiments>-s<seed> (wandb-run-id, wandb/)
 All files are written atomically (temporary name, fsync, rename); a write that fails removes its temporary
 file, and a run sweeps those that killed runs left behind.
 
@@ -94,6 +95,13 @@ class Args:
     """output directory of the dataset (episodes, manifest.json, explorer snapshots, logs)"""
     seed: int = 0
     """master seed: every episode's content is a function of (seed, embodiment, task, episode index)"""
+    track: bool = False
+    """also log the config and every TensorBoard scalar to Weights & Biases (needs `pip install wandb`;
+    WANDB_MODE=offline keeps the run on disk)"""
+    wandb_project_name: str = "gsa"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B entity (user or team) of --track; default: your W&B default entity"""
     embodiments: str = "all"
     """comma list of embodiments (cartpole, acrobot, walker, cheetah, quadruped, sawyer), or dmc, metaworld, all"""
     episodes_per_embodiment: int = 10
@@ -601,6 +609,47 @@ def fail_on_full_disk(remedy: str):
         fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and {remedy}")
 # ==== end shared file helpers ====
 
+# ==== experiment tracking: identical copies live in the three training scripts (tests keep them in sync) ====
+def import_wandb(track: bool):
+    """The wandb module with --track, else None. Weights & Biases is optional (not in requirements.txt): without
+    it, --track is an error raised while the inputs are checked, before anything is written."""
+    if not track:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        fail("--track logs to Weights & Biases, which is not installed: `pip install wandb` (or drop --track)")
+    return wandb
+
+
+def start_tracking(wandb, args, name: str, out_dir: Path, config: dict, axes: dict):
+    """CleanRL's opt-in tracking: a W&B run called `name` with `config`, whose scalars are logged explicitly,
+    each group against its own x-axis (axes {"eval/*": "env_steps"}: log {"env_steps": x, "eval/return": y}),
+    rather than by sync_tensorboard, which patches TensorBoard's writer and puts every tag on one global_step.
+    The run id is kept in <out-dir>/wandb-run-id, so a resumed run continues its W&B run. W&B's local files go
+    to $WANDB_DIR if set, else under <out-dir>, never the current directory. None without --track."""
+    if wandb is None:
+        return None
+    id_file = out_dir / "wandb-run-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name, config=config,
+                     id=run_id, resume="allow" if run_id else None,
+                     dir=None if os.environ.get("WANDB_DIR") else str(out_dir))
+    if run_id is None:
+        write_atomic(id_file, run.id.encode())
+    for axis in sorted(set(axes.values())):
+        run.define_metric(axis, hidden=True)
+    for pattern, axis in axes.items():
+        run.define_metric(pattern, step_metric=axis)
+    return run
+
+
+def stop_tracking(run) -> None:
+    """Finish the W&B run (if any); marked failed when an exception is on its way out (fail() or a crash)."""
+    if run is not None:
+        run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
+# ==== end experiment tracking ====
+
 
 def encode_episode(image: np.ndarray, action: np.ndarray, is_first: np.ndarray, level: int) -> bytes:
     """A .npz (zip of .npy members, as np.savez_compressed writes) at a chosen zlib level, with fixed
@@ -893,8 +942,9 @@ def chunked(specs: list, size: int = 8) -> list:
     return chunks
 
 
-def collect(args: Args, out_dir: Path, specs: list) -> None:
-    """Collect the episodes of `specs` that --out-dir lacks, then write manifest.json and the contact sheet."""
+def collect(args: Args, out_dir: Path, specs: list, wandb=None) -> None:
+    """Collect the episodes of `specs` that --out-dir lacks, then write manifest.json and the contact sheet
+    (with --track, `wandb` is the module and the TensorBoard scalars go to a W&B run too)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_temporaries(out_dir, out_dir / "_explorer", *(out_dir / e for e in EMBODIMENTS))
     write_json_atomic(out_dir / "args.json", asdict(args))
@@ -903,12 +953,19 @@ def collect(args: Args, out_dir: Path, specs: list) -> None:
     from torch.utils.tensorboard import SummaryWriter  # imported here, not in every spawned worker
 
     writer = SummaryWriter(str(out_dir / "tb"))
+    k, n = parse_shard(args.shard)
+    name = f"collect-{'+'.join(parse_embodiments(args.embodiments))}-s{args.seed}" + (f"-{k}of{n}" if n > 1 else "")
+    tracker = start_tracking(wandb, args, name, out_dir, asdict(args),
+                             {"explorer/*": "explorer_step", "collect/*": "agent_steps"})
 
     def log(row: dict) -> None:
         metrics.write(json.dumps(dict(row, wall_time=time.time())) + "\n")
         metrics.flush()
         if "explorer_step" in row and row["rnd_error"] is not None:
-            writer.add_scalar(f"explorer/{row['embodiment']}/rnd_error", row["rnd_error"], row["explorer_step"])
+            key = f"explorer/{row['embodiment']}/rnd_error"
+            writer.add_scalar(key, row["rnd_error"], row["explorer_step"])
+            if tracker is not None:
+                tracker.log({"explorer_step": row["explorer_step"], key: row["rnd_error"]})
 
     rows = {}  # path -> manifest row of every complete episode
     for s in specs:
@@ -945,6 +1002,8 @@ def collect(args: Args, out_dir: Path, specs: list) -> None:
             fps = (done["frames"] - first[1]) / max(now - first[0], 1e-9)  # episode rate, explorer time excluded
             eta = (total_frames - done["frames"]) / max(fps, 1e-9)
             writer.add_scalar("collect/agent_steps_per_s", fps, done["frames"])
+            if tracker is not None:
+                tracker.log({"agent_steps": done["frames"], "collect/agent_steps_per_s": fps})
             print(f"{SCRIPT}: {done['episodes']}/{len(todo)} episodes, {fps:.0f} agent steps/s "
                   f"({ACTION_REPEAT * fps:.0f} env frames/s), ETA {eta:.0f} s", flush=True)
 
@@ -980,6 +1039,7 @@ def collect(args: Args, out_dir: Path, specs: list) -> None:
     write_contact_sheet(out_dir, rows)
     metrics.close()
     writer.close()
+    stop_tracking(tracker)
     print(summarize(rows))
     print(f"{SCRIPT}: wrote {out_dir / 'manifest.json'} ({len(rows)} episodes) and "
           f"{out_dir / 'contact_sheet.png'}", flush=True)
@@ -989,10 +1049,11 @@ def collect(args: Args, out_dir: Path, specs: list) -> None:
 def main(args: Args) -> None:
     check_ranges(args)
     validate(args)
+    wandb = import_wandb(args.track)
     out_dir = Path(args.out_dir)
     specs = plan_all(args)
     check_existing_dataset(out_dir, args, specs)  # before anything is written
-    collect(args, out_dir, specs)
+    collect(args, out_dir, specs, wandb)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Reads:  --checkpoint (pretrain_wm.py's wm.pt), --index-dir (retrieval.py build's
 Writes: <out-dir>/args.json, metrics.jsonl (one line per evaluation), train.jsonl (training losses, one line
         per episode that trained), episodes.jsonl (one line per collected episode: return, length, warm-up or
         not, guidance p and pi_bc's window), retrieval.json (D_r), tb/ (TensorBoard),
-        videos/eval-<env_steps>.mp4, replay/ep-<n>.npz (online episodes), ckpt.pt (everything --resume needs).
+        videos/eval-<env_steps>.mp4, replay/ep-<n>.npz (online episodes), ckpt.pt (everything --resume needs);
+        with --track, a Weights & Biases run named <task>-<variant>-s<seed> (wandb-run-id, wandb/).
 
 Example:
     python finetune_gsa.py --task walker-run                      # runs/pretrain/wm.pt, runs/index, data/offline
@@ -118,6 +119,13 @@ class Args:
     AVX512-BF16 or AMX about halves the update time (README, Speed); on one without them it is slower"""
     resume: bool = False
     """continue the run in --out-dir from its ckpt.pt (required to reuse an existing run directory)"""
+    track: bool = False
+    """also log the config and every TensorBoard scalar to Weights & Biases (needs `pip install wandb`;
+    WANDB_MODE=offline keeps the run on disk)"""
+    wandb_project_name: str = "gsa"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B entity (user or team) of --track; default: your W&B default entity"""
     size: Optional[Literal["tiny", "xs", "s", "paper"]] = None
     """preset (SIZES + AGENT_SIZES); default: the checkpoint's own (xs with --no-pretrain); must match it"""
     env_steps: int = 150_000
@@ -981,6 +989,47 @@ def fail_on_full_disk(remedy: str):
         fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and {remedy}")
 # ==== end shared file helpers ====
 
+# ==== experiment tracking: identical copies live in the three training scripts (tests keep them in sync) ====
+def import_wandb(track: bool):
+    """The wandb module with --track, else None. Weights & Biases is optional (not in requirements.txt): without
+    it, --track is an error raised while the inputs are checked, before anything is written."""
+    if not track:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        fail("--track logs to Weights & Biases, which is not installed: `pip install wandb` (or drop --track)")
+    return wandb
+
+
+def start_tracking(wandb, args, name: str, out_dir: Path, config: dict, axes: dict):
+    """CleanRL's opt-in tracking: a W&B run called `name` with `config`, whose scalars are logged explicitly,
+    each group against its own x-axis (axes {"eval/*": "env_steps"}: log {"env_steps": x, "eval/return": y}),
+    rather than by sync_tensorboard, which patches TensorBoard's writer and puts every tag on one global_step.
+    The run id is kept in <out-dir>/wandb-run-id, so a resumed run continues its W&B run. W&B's local files go
+    to $WANDB_DIR if set, else under <out-dir>, never the current directory. None without --track."""
+    if wandb is None:
+        return None
+    id_file = out_dir / "wandb-run-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name, config=config,
+                     id=run_id, resume="allow" if run_id else None,
+                     dir=None if os.environ.get("WANDB_DIR") else str(out_dir))
+    if run_id is None:
+        write_atomic(id_file, run.id.encode())
+    for axis in sorted(set(axes.values())):
+        run.define_metric(axis, hidden=True)
+    for pattern, axis in axes.items():
+        run.define_metric(pattern, step_metric=axis)
+    return run
+
+
+def stop_tracking(run) -> None:
+    """Finish the W&B run (if any); marked failed when an exception is on its way out (fail() or a crash)."""
+    if run is not None:
+        run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
+# ==== end experiment tracking ====
+
 
 def read_log_lines(path: Path) -> list:
     """The JSON lines of a log. A torn last line (a kill mid-write) is dropped; a bad line before it is an error."""
@@ -1157,6 +1206,7 @@ class Setup:
     b_off: int
     use_guidance: bool
     use_rehearsal: bool
+    wandb: object = None  # the wandb module with --track
 
 
 def prepare(args: Args) -> Setup:
@@ -1165,6 +1215,7 @@ def prepare(args: Args) -> Setup:
     if args.task not in TASK_NAMES:
         fail(f"unknown task {args.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
     check_ranges(args)
+    wandb = import_wandb(args.track)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     use_guidance = not (args.no_pretrain or args.no_guidance)
@@ -1181,7 +1232,7 @@ def prepare(args: Args) -> Setup:
                 fail(f"{ckpt_path} is not a {SCRIPT} checkpoint of format version {FORMAT_VERSION}")
             saved = dict(resume["args"])
             ignore = {"resume", "env_steps", "threads", "device", "precision", "out_dir", "eval_every",
-                      "eval_episodes", "checkpoint_every", "video"}
+                      "eval_episodes", "checkpoint_every", "video", "track", "wandb_project_name", "wandb_entity"}
             diff = [k for k in asdict(args) if k not in ignore and saved.get(k) != getattr(args, k)]
             if diff:
                 fail(f"--resume with settings that differ from the run in {out_dir}: "
@@ -1209,7 +1260,7 @@ def prepare(args: Args) -> Setup:
     if B - b_off < 1:
         fail(f"batch {B} with --offline-ratio {args.offline_ratio} leaves no online rows")
     return Setup(out_dir, resume, device, wm_ckpt, wm_sha, size, cfg, index, meta, manifest, preset, B - b_off,
-                 b_off, use_guidance, use_rehearsal)
+                 b_off, use_guidance, use_rehearsal, wandb)
 
 
 def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
@@ -1278,7 +1329,8 @@ def retrieval_summary(args: Args, pairs: list, action_dim: int) -> dict:
                           "distance": dist} for row, dist in pairs]}
 
 
-def train_prior(args: Args, setup: Setup, offline: SequenceReplay, action_dim: int, np_rng, writer) -> BCPrior:
+def train_prior(args: Args, setup: Setup, offline: SequenceReplay, action_dim: int, np_rng,
+                logs: "RunLogs") -> BCPrior:
     """Step 2: behaviour-clone pi_bc on D_r (or reload it on resume)."""
     p = setup.preset
     prior = BCPrior(setup.cfg.act_dim, p["bc_depth"], p["bc_units"]).to(setup.device)
@@ -1289,7 +1341,7 @@ def train_prior(args: Args, setup: Setup, offline: SequenceReplay, action_dim: i
         curve = train_bc(prior, offline.episodes, p["bc_steps"], p["bc_batch"], args.bc_lr, action_dim, np_rng,
                          setup.device)
         for step, value in curve["heldout"]:
-            writer.add_scalar("bc/heldout_mse", value, step)
+            logs.scalars({"bc/heldout_mse": value}, step, axis="bc_step")
         write_json_atomic(setup.out_dir / "bc.json", {**curve, "seconds": time.time() - t0})
         print(f"[bc] done in {time.time() - t0:.0f}s; kept the weights of step {curve['best_step']}")
     return prior.eval()
@@ -1314,11 +1366,13 @@ def restore(setup: Setup, agent: Agent, np_rng, online: SequenceReplay, counters
 class RunLogs:
     """TensorBoard plus three JSON-lines logs: metrics.jsonl (evaluations), train.jsonl (mean losses of each
     episode's updates) and episodes.jsonl (every collected episode). On resume, lines after the checkpoint's
-    env frame count are dropped, so no row is duplicated or missing."""
+    env frame count are dropped, so no row is duplicated or missing. With --track, every TensorBoard scalar is
+    also logged to W&B (`tracker`), against env frames (the BC curve: against its step)."""
 
     NAMES = ("metrics", "train", "episodes")
+    AXES = {"eval/*": "env_steps", "episode/*": "env_steps", "train/*": "env_steps", "bc/*": "bc_step"}
 
-    def __init__(self, out_dir: Path, env_frames: int):
+    def __init__(self, out_dir: Path, env_frames: int, tracker=None):
         for name in self.NAMES:
             path = out_dir / f"{name}.jsonl"
             if path.is_file():
@@ -1326,17 +1380,25 @@ class RunLogs:
                 write_atomic(path, "".join(line + "\n" for line in kept).encode())
         self.files = {name: open(out_dir / f"{name}.jsonl", "a") for name in self.NAMES}
         self.tb = SummaryWriter(str(out_dir / "tb"))
+        self.tracker = tracker
+
+    def scalars(self, values: dict, step: int, axis: str = "env_steps") -> None:
+        """TensorBoard scalars at `step`; mirrored to W&B with `axis` = step (see AXES)."""
+        for key, value in values.items():
+            self.tb.add_scalar(key, value, step)
+        if self.tracker is not None and values:
+            self.tracker.log({axis: step, **values})
 
     def write(self, name: str, line: dict, scalars: Optional[dict] = None) -> None:
         self.files[name].write(json.dumps(line) + "\n")
         self.files[name].flush()
-        for key, value in (scalars or {}).items():
-            self.tb.add_scalar(key, value, line["env_steps"])
+        self.scalars(scalars or {}, line["env_steps"])
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
         self.tb.close()
+        stop_tracking(self.tracker)
 
 
 def train_updates(agent: Agent, online: SequenceReplay, offline: Optional[SequenceReplay], setup: Setup,
@@ -1430,10 +1492,12 @@ def main(args: Args) -> None:
     use_retrieval = use_guidance or setup.use_rehearsal
     offline, pairs, summary = retrieve_rehearsal_set(args, setup, agent, env) if use_retrieval else (None, [], None)
     open_run_dir(args, setup, summary)
-    logs = RunLogs(out_dir, counters["env_frames"])
+    tracker = start_tracking(setup.wandb, args, f"{args.task}-{variant_name(args)}-s{args.seed}", out_dir,
+                             json.loads((out_dir / "args.json").read_text()), RunLogs.AXES)  # args + resolved
+    logs = RunLogs(out_dir, counters["env_frames"], tracker)
 
     # 2. The prior pi_bc, cloned from D_r.
-    prior = train_prior(args, setup, offline, env.action_dim, np_rng, logs.tb) if use_guidance else None
+    prior = train_prior(args, setup, offline, env.action_dim, np_rng, logs) if use_guidance else None
     g_start, g_end, g_frames = guidance_schedule(args, env.is_metaworld)
     online = SequenceReplay()
     if setup.resume is not None:

@@ -6,7 +6,8 @@ task ids or embodiment ids. Actions are zero-padded to 12 dims so all embodiment
 Reads:  <data-dir>/manifest.json and the episode .npz files it lists (collect_offline.py's format).
 Writes: <out-dir>/wm.pt (checkpoint: model, optimiser, step, RNG, args, model config, manifest hash),
         <out-dir>/args.json, <out-dir>/metrics.jsonl, <out-dir>/tb/ (TensorBoard),
-        <out-dir>/videos/openloop-<embodiment>-<step>.gif (5 context frames, then imagination | truth).
+        <out-dir>/videos/openloop-<embodiment>-<step>.gif (5 context frames, then imagination | truth);
+        with --track, a Weights & Biases run named pretrain-<size>-<embodiments>-s<seed> (wandb-run-id, wandb/).
 Every flag's range (ARG_RANGES), the manifest and a resumed checkpoint are checked before anything is written;
 each episode is checked when it is loaded (sha256, shapes, finite actions in [-1, 1]), naming the file.
 
@@ -72,6 +73,13 @@ class Args:
     resume: bool = False
     """continue the run in --out-dir from its wm.pt (required to reuse a run directory that holds one); the
     data and the run-defining args must be the same"""
+    track: bool = False
+    """also log the config and every TensorBoard scalar to Weights & Biases (needs `pip install wandb`;
+    WANDB_MODE=offline keeps the run on disk)"""
+    wandb_project_name: str = "gsa"
+    """W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """W&B entity (user or team) of --track; default: your W&B default entity"""
     embodiments: str = "all"
     """comma-separated names, `dmc` (first five), `metaworld` (= sawyer), or `all` (every embodiment in the
     data); an asked-for embodiment without episodes is an error"""
@@ -914,6 +922,47 @@ def fail_on_full_disk(remedy: str):
         fail(f"No space left on device while writing {e.filename or 'the outputs'}; free some space and {remedy}")
 # ==== end shared file helpers ====
 
+# ==== experiment tracking: identical copies live in the three training scripts (tests keep them in sync) ====
+def import_wandb(track: bool):
+    """The wandb module with --track, else None. Weights & Biases is optional (not in requirements.txt): without
+    it, --track is an error raised while the inputs are checked, before anything is written."""
+    if not track:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        fail("--track logs to Weights & Biases, which is not installed: `pip install wandb` (or drop --track)")
+    return wandb
+
+
+def start_tracking(wandb, args, name: str, out_dir: Path, config: dict, axes: dict):
+    """CleanRL's opt-in tracking: a W&B run called `name` with `config`, whose scalars are logged explicitly,
+    each group against its own x-axis (axes {"eval/*": "env_steps"}: log {"env_steps": x, "eval/return": y}),
+    rather than by sync_tensorboard, which patches TensorBoard's writer and puts every tag on one global_step.
+    The run id is kept in <out-dir>/wandb-run-id, so a resumed run continues its W&B run. W&B's local files go
+    to $WANDB_DIR if set, else under <out-dir>, never the current directory. None without --track."""
+    if wandb is None:
+        return None
+    id_file = out_dir / "wandb-run-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name, config=config,
+                     id=run_id, resume="allow" if run_id else None,
+                     dir=None if os.environ.get("WANDB_DIR") else str(out_dir))
+    if run_id is None:
+        write_atomic(id_file, run.id.encode())
+    for axis in sorted(set(axes.values())):
+        run.define_metric(axis, hidden=True)
+    for pattern, axis in axes.items():
+        run.define_metric(pattern, step_metric=axis)
+    return run
+
+
+def stop_tracking(run) -> None:
+    """Finish the W&B run (if any); marked failed when an exception is on its way out (fail() or a crash)."""
+    if run is not None:
+        run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
+# ==== end experiment tracking ====
+
 
 def rng_state(np_rng: np.random.Generator, device: torch.device) -> dict:
     """This process's RNG states, encoded as finetune_gsa.py encodes its own: numpy's generator (the data
@@ -1017,6 +1066,7 @@ def max_rss_mb() -> float:
 @fail_on_full_disk("re-run the same command with --resume")
 def main(args: Args):
     check_ranges(args)
+    wandb = import_wandb(args.track)
     # -- distributed set-up (torchrun sets these variables) ------------------------------------------------
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -1107,7 +1157,7 @@ def main(args: Args):
     autocast_dtype = torch.bfloat16 if bf16 else None
 
     # -- outputs (rank 0 only) -------------------------------------------------------------------------------
-    writer, evaluated_at = None, None  # evaluated_at: the update of the last open-loop evaluation logged
+    writer, evaluated_at, tracker = None, None, None  # evaluated_at: the update of the last open-loop evaluation
     if is_main:
         (out_dir / "videos").mkdir(parents=True, exist_ok=True)
         sweep_stale_temporaries(out_dir, out_dir / "videos")
@@ -1121,6 +1171,9 @@ def main(args: Args):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tb"))
+        tracker = start_tracking(wandb, args, f"pretrain-{args.size}-{'+'.join(embodiments)}-s{args.seed}", out_dir,
+                                 asdict(args), {"train/*": "step", "openloop_mse/*": "step",
+                                                "openloop_copy_mse/*": "step"})
     metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
     log(f"{SCRIPT}: {args.size} world model, {n_params / 1e6:.2f}M parameters; embodiments {embodiments}; "
         f"{len(train_rows)} train / {sum(len(v) for v in held_rows.values())} held-out episodes; pool "
@@ -1159,6 +1212,8 @@ def main(args: Args):
         for k, v in record.items():
             if k != "step":
                 writer.add_scalar(k, v, step)
+        if tracker is not None:
+            tracker.log(record)
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         evaluated_at = step
@@ -1193,6 +1248,8 @@ def main(args: Args):
                     for k, v in record.items():
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, step)
+                    if tracker is not None:
+                        tracker.log({"step": step, **{f"train/{k}": v for k, v in record.items() if k != "step"}})
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                     eta = (args.steps - step) / max(rate, 1e-9)
@@ -1223,6 +1280,7 @@ def main(args: Args):
         if is_main:
             metrics_file.close()
             writer.close()
+            stop_tracking(tracker)
         if world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     log(f"{SCRIPT}: done, {step} updates; checkpoint {ckpt_path}")
