@@ -98,7 +98,9 @@ SCRIPT = "finetune_gsa.py"
 @dataclass
 class Args:
     task: str = "walker-run"
-    """task: DMControl `domain-task` (22 tasks, e.g. walker-run) or Meta-World `mw-<name>` (50 tasks)"""
+    """task: DMControl `domain-task` (the paper's 22, e.g. walker-run), Meta-World `mw-<name>` (50), or a stock
+    dm_control task for quick checks (STOCK_DMC_TASKS, e.g. reacher-easy, cup-catch, finger-spin; a body without
+    offline data needs --no-pretrain, or --no-rehearsal --no-guidance)"""
     checkpoint: str = "runs/pretrain/wm.pt"
     """pretrain_wm.py checkpoint to fine-tune (not read with --no-pretrain)"""
     index_dir: str = "runs/index"
@@ -1246,10 +1248,28 @@ def prepare(args: Args) -> Setup:
     wm_ckpt, wm_sha = (None, None) if args.no_pretrain else load_wm_checkpoint(Path(args.checkpoint))
     size = resolve_size(args, wm_ckpt)
     cfg = model_config_for(size) if args.no_pretrain else check_model_config(wm_ckpt, size, Path(args.checkpoint))
+    # Stock tasks may bring bodies the offline data lacks: from scratch any width goes (humanoid 21, dog 38 dims);
+    # a pre-trained model takes at most its padded width, and retrieval needs episodes of the task's own body.
+    embodiment, action_dim = embodiment_of(args.task), task_action_dim(args.task)
+    pretrained_on = (wm_ckpt or {}).get("embodiments") or []
+    if args.no_pretrain and action_dim > cfg.act_dim:
+        cfg = dataclasses.replace(cfg, act_dim=action_dim)
+    if action_dim > cfg.act_dim:
+        fail(f"{args.task} has {action_dim} action dims, more than the {cfg.act_dim} the world model in "
+             f"{args.checkpoint} takes (pre-trained on {', '.join(pretrained_on) or 'other embodiments'}); "
+             f"learn it from scratch with --no-pretrain")
     index = meta = manifest = None
     if use_guidance or use_rehearsal:
         index, meta = load_index(Path(args.index_dir), wm_sha, Path(args.checkpoint))
+        held = sorted({str(row.get("embodiment")) for row in meta["rows"]})
+        if embodiment not in held:
+            fail(f"the index in {args.index_dir} holds no {embodiment} episode (only {', '.join(held)}), so "
+                 f"{args.task} has nothing to rehearse or to clone the prior from; fine-tune the pre-trained world "
+                 f"model without them (--no-rehearsal --no-guidance) or learn from scratch (--no-pretrain)")
         manifest = load_manifest(Path(args.data_dir), meta.get("manifest_sha256"))
+    if pretrained_on and embodiment not in pretrained_on:
+        print(f"[finetune] note: the world model was pre-trained on {', '.join(pretrained_on)}, not {embodiment}; "
+              f"it meets this body only here")
     preset = dict(AGENT_SIZES[size])
     overrides = {"batch_size": args.batch_size, "seq_len": args.seq_len, "horizon": args.horizon,
                  "train_ratio": args.train_ratio, "warmup_frames": args.warmup_frames, "bc_steps": args.bc_steps,
@@ -1583,14 +1603,14 @@ def main(args: Args) -> None:
 
 # ==========================================================================================================
 # Appendix: code this script shares with the others, kept here so that the file stands alone.
-#   * the task suite (the paper's 22 DMControl and 50 Meta-World tasks from pixels): its original lives here;
-#     tests/test_tasks.py checks every custom reward;
+#   * the task suite (the paper's 22 DMControl and 50 Meta-World tasks from pixels, and stock dm_control tasks
+#     for quick checks): its original lives here; tests/test_tasks.py checks every custom reward;
 #   * `retrieve` and `render_reset_frames`: verbatim copies of retrieval.py's (tests keep them identical);
 #   * the world-model classes: verbatim copies of pretrain_wm.py's (tests compare the source text, and a
 #     checkpoint of one script loads strictly into the other's classes); SIZES: pretrain_wm.py's model sizes.
 # ==========================================================================================================
 
-# ==== environments: the paper's 22 DMControl and 50 Meta-World tasks from pixels (Sec. 4, appendix) ====
+# ==== environments: the paper's 22 DMControl and 50 Meta-World tasks (Sec. 4, appendix), stock DMC, pixels ====
 
 # ----------------------------------------------------------------------------------------------------------
 # Environments and tasks (the paper's Sec. 4.1 and appendix; custom rewards as in TD-MPC2 and URLB)
@@ -1618,7 +1638,24 @@ MW_TASKS = (
     "shelf-place", "soccer", "stick-push", "stick-pull", "sweep-into", "sweep", "window-close",
     "window-open",
 )
-TASK_NAMES = DMC_TASKS + tuple(f"mw-{name}" for name in MW_TASKS)
+# Stock dm_control tasks beyond the paper's, for quick checks (reacher-easy, cup-catch and finger-spin are the
+# usual pixel-RL sanity checks), with dm_control's own rewards: every task of suite.ALL_TASKS (dm_control
+# 1.0.28) but lqr's, whose actions are unbounded. Named `domain-task` with the task's underscores as hyphens;
+# ball_in_cup is `cup`, as pixel RL papers call it (DMC_DOMAIN_NAMES). Name -> action dims (tests check both
+# against the suite). The offline data has none of the new bodies; fine-tuning says what that allows.
+STOCK_DMC_TASKS = {
+    "cartpole-balance-sparse": 1, "cartpole-swingup": 1, "cartpole-swingup-sparse": 1, "cartpole-two-poles": 1,
+    "cartpole-three-poles": 1, "pendulum-swingup": 1, "cup-catch": 2, "finger-spin": 2, "finger-turn-easy": 2,
+    "finger-turn-hard": 2, "point_mass-easy": 2, "point_mass-hard": 2, "reacher-easy": 2, "reacher-hard": 2,
+    "hopper-stand": 4, "hopper-hop": 4, "fish-upright": 5, "fish-swim": 5, "swimmer-swimmer6": 5,
+    "swimmer-swimmer15": 14, "manipulator-bring-ball": 5, "manipulator-bring-peg": 5,
+    "manipulator-insert-ball": 5, "manipulator-insert-peg": 5, "stacker-stack-2": 5, "stacker-stack-4": 5,
+    "quadruped-escape": 12, "quadruped-fetch": 12, "humanoid-stand": 21, "humanoid-walk": 21,
+    "humanoid-run": 21, "humanoid-run-pure-state": 21, "humanoid_CMU-stand": 56, "humanoid_CMU-walk": 56,
+    "humanoid_CMU-run": 56, "dog-stand": 38, "dog-walk": 38, "dog-trot": 38, "dog-run": 38, "dog-fetch": 38,
+}
+DMC_DOMAIN_NAMES = {"cup": "ball_in_cup"}  # domain in a task name -> dm_control's, where they differ
+TASK_NAMES = DMC_TASKS + tuple(f"mw-{name}" for name in MW_TASKS) + tuple(STOCK_DMC_TASKS)
 _ENV_ACTION_DIMS = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
 
 DMC_EPISODE_FRAMES = 1000  # env frames per DMControl episode (500 agent steps at action repeat 2)
@@ -1640,6 +1677,12 @@ def embodiment_of(task: str) -> str:
     """Embodiment name of a task ("walker-run" -> "walker", "mw-reach" -> "sawyer"); builds nothing."""
     _check_task(task)
     return "sawyer" if task.startswith("mw-") else task.split("-")[0]
+
+
+def task_action_dim(task: str) -> int:
+    """Action dims of a task: its embodiment's (a stock task's own: swimmer6 and swimmer15 differ); builds nothing."""
+    embodiment = embodiment_of(task)
+    return STOCK_DMC_TASKS[task] if task in STOCK_DMC_TASKS else _ENV_ACTION_DIMS[embodiment]
 
 
 # --- Custom DMControl tasks: walker/cheetah rewards as in TD-MPC2's tasks, quadruped as in URLB ------------
@@ -1797,8 +1840,13 @@ _CUSTOM_DMC = {
 }
 
 
+def _is_hard(task: str) -> bool:
+    """The paper's `-hard` tasks (sparse reward minus an action cost); stock names such as finger-turn-hard are not."""
+    return task.endswith("-hard") and task not in STOCK_DMC_TASKS
+
+
 def _dmc_base_task(task: str) -> str:
-    return task[: -len("-hard")] if task.endswith("-hard") else task
+    return task[: -len("-hard")] if _is_hard(task) else task
 
 
 def _make_dmc(task: str, seed: int) -> control.Environment:
@@ -1806,7 +1854,7 @@ def _make_dmc(task: str, seed: int) -> control.Environment:
     if base in _CUSTOM_DMC:
         return _CUSTOM_DMC[base](seed)
     domain, name = base.split("-", 1)
-    return suite.load(domain, name.replace("-", "_"), task_kwargs={"random": seed})
+    return suite.load(DMC_DOMAIN_NAMES.get(domain, domain), name.replace("-", "_"), task_kwargs={"random": seed})
 
 
 def hard_reward(reward: float, action: np.ndarray) -> float:
@@ -1843,11 +1891,11 @@ class PixelEnv:
     def __init__(self, task: str, seed: int, image_size: int = 64, action_repeat: int = 2):
         self.task = task
         self.embodiment = embodiment_of(task)
-        self.action_dim = _ENV_ACTION_DIMS[self.embodiment]
+        self.action_dim = task_action_dim(task)
         self.is_metaworld = self.embodiment == "sawyer"
         self.image_size = image_size
         self.action_repeat = action_repeat
-        self.hard = task.endswith("-hard")
+        self.hard = _is_hard(task)
         frames = MW_EPISODE_FRAMES if self.is_metaworld else DMC_EPISODE_FRAMES
         if frames % action_repeat:
             raise ValueError(f"action_repeat {action_repeat} does not divide {frames} frames per episode")
@@ -2026,7 +2074,7 @@ def render_reset_frames(task: str, num_resets: int, seed: int, size: int = 64) -
         from dm_control import suite
 
         domain, rest = task.split("-", 1)
-        stock = rest.replace("-", "_")
+        domain, stock = DMC_DOMAIN_NAMES.get(domain, domain), rest.replace("-", "_")  # cup-catch: ball_in_cup
         if (domain, stock) not in suite.ALL_TASKS:
             base = rest.removesuffix("-hard").replace("-", "_")  # -hard only changes the reward
             stock = base if (domain, base) in suite.ALL_TASKS else QUERY_STOCK_TASK[domain]

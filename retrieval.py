@@ -62,7 +62,8 @@ INDEX_FILE, META_FILE = "index.faiss", "index.json"
 ACTION_TOLERANCE = 1e-6  # stored actions may exceed [-1, 1] by float rounding, no more
 EMBODIMENTS = ("cartpole", "acrobot", "walker", "cheetah", "quadruped", "sawyer")
 ACTION_DIMS = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
-# The paper's 22 DMControl tasks and 50 Meta-World v3 tasks (Sec. 4, appendix I): finetune_gsa.py's names.
+# The paper's 22 DMControl tasks and 50 Meta-World v3 tasks (Sec. 4, appendix I), and the stock dm_control tasks
+# for quick checks: finetune_gsa.py's names (tests keep them identical).
 DMC_TASKS = (
     "cartpole-balance",
     "acrobot-swingup", "acrobot-swingup-sparse", "acrobot-swingup-hard",
@@ -83,7 +84,24 @@ MW_TASKS = (
     "shelf-place", "soccer", "stick-push", "stick-pull", "sweep-into", "sweep", "window-close",
     "window-open",
 )
-TASK_NAMES = DMC_TASKS + tuple(f"mw-{name}" for name in MW_TASKS)
+# Stock dm_control tasks beyond the paper's, for quick checks (reacher-easy, cup-catch and finger-spin are the
+# usual pixel-RL sanity checks), with dm_control's own rewards: every task of suite.ALL_TASKS (dm_control
+# 1.0.28) but lqr's, whose actions are unbounded. Named `domain-task` with the task's underscores as hyphens;
+# ball_in_cup is `cup`, as pixel RL papers call it (DMC_DOMAIN_NAMES). Name -> action dims (tests check both
+# against the suite). The offline data has none of the new bodies; fine-tuning says what that allows.
+STOCK_DMC_TASKS = {
+    "cartpole-balance-sparse": 1, "cartpole-swingup": 1, "cartpole-swingup-sparse": 1, "cartpole-two-poles": 1,
+    "cartpole-three-poles": 1, "pendulum-swingup": 1, "cup-catch": 2, "finger-spin": 2, "finger-turn-easy": 2,
+    "finger-turn-hard": 2, "point_mass-easy": 2, "point_mass-hard": 2, "reacher-easy": 2, "reacher-hard": 2,
+    "hopper-stand": 4, "hopper-hop": 4, "fish-upright": 5, "fish-swim": 5, "swimmer-swimmer6": 5,
+    "swimmer-swimmer15": 14, "manipulator-bring-ball": 5, "manipulator-bring-peg": 5,
+    "manipulator-insert-ball": 5, "manipulator-insert-peg": 5, "stacker-stack-2": 5, "stacker-stack-4": 5,
+    "quadruped-escape": 12, "quadruped-fetch": 12, "humanoid-stand": 21, "humanoid-walk": 21,
+    "humanoid-run": 21, "humanoid-run-pure-state": 21, "humanoid_CMU-stand": 56, "humanoid_CMU-walk": 56,
+    "humanoid_CMU-run": 56, "dog-stand": 38, "dog-walk": 38, "dog-trot": 38, "dog-run": 38, "dog-fetch": 38,
+}
+DMC_DOMAIN_NAMES = {"cup": "ball_in_cup"}  # domain in a task name -> dm_control's, where they differ
+TASK_NAMES = DMC_TASKS + tuple(f"mw-{name}" for name in MW_TASKS) + tuple(STOCK_DMC_TASKS)
 
 
 @dataclass
@@ -398,7 +416,8 @@ def query(args: QueryArgs, device: str) -> None:
     frames = make_query_frames(args, cfg.image_size)
     action_dim = args.action_dim
     if action_dim is None and embodiment is not None and not args.all_action_dims:
-        action_dim = ACTION_DIMS[embodiment]  # the release drops episodes of other action dims than the task's
+        # the release drops episodes of other action dims than the task's (a stock task's: its own)
+        action_dim = STOCK_DMC_TASKS.get(args.task) or ACTION_DIMS[embodiment]
 
     t0, c0 = time.time(), time.process_time()
     results = retrieve(index, meta, encode(encoder, frames, device), args.k, action_dim)
@@ -761,7 +780,7 @@ def render_reset_frames(task: str, num_resets: int, seed: int, size: int = 64) -
         from dm_control import suite
 
         domain, rest = task.split("-", 1)
-        stock = rest.replace("-", "_")
+        domain, stock = DMC_DOMAIN_NAMES.get(domain, domain), rest.replace("-", "_")  # cup-catch: ball_in_cup
         if (domain, stock) not in suite.ALL_TASKS:
             base = rest.removesuffix("-hard").replace("-", "_")  # -hard only changes the reward
             stock = base if (domain, base) in suite.ALL_TASKS else QUERY_STOCK_TASK[domain]

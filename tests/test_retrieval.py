@@ -383,7 +383,8 @@ def test_query_rendering_is_finetune_gsa_copy():
     import finetune_gsa as ft
     for name in ("render_reset_frames",):
         assert inspect.getsource(getattr(ft, name)) == inspect.getsource(getattr(retrieval, name))
-    for name in ("QUERY_SEED_OFFSET", "QUERY_CAMERA", "QUERY_STOCK_TASK", "TASK_NAMES"):
+    for name in ("QUERY_SEED_OFFSET", "QUERY_CAMERA", "QUERY_STOCK_TASK", "TASK_NAMES", "STOCK_DMC_TASKS",
+                 "DMC_DOMAIN_NAMES"):
         assert getattr(ft, name) == getattr(retrieval, name), name
     assert retrieval.QueryArgs().query_resets == ft.Args().query_resets
     assert retrieval.QueryArgs().seed == ft.Args().seed

@@ -29,15 +29,18 @@ def lin(x, lo, hi, margin, value_at_margin):
 def test_task_lists():
     assert len(T.DMC_TASKS) == 22 and len(set(T.DMC_TASKS)) == 22
     assert len(T.MW_TASKS) == 50 and len(set(T.MW_TASKS)) == 50
-    assert T.TASK_NAMES == T.DMC_TASKS + tuple("mw-" + n for n in T.MW_TASKS)
+    assert T.TASK_NAMES == T.DMC_TASKS + tuple("mw-" + n for n in T.MW_TASKS) + tuple(T.STOCK_DMC_TASKS)
+    assert len(set(T.TASK_NAMES)) == len(T.TASK_NAMES)
     dims = {"cartpole": 1, "acrobot": 1, "walker": 6, "cheetah": 6, "quadruped": 12, "sawyer": 4}
     for task in T.TASK_NAMES:
         embodiment = T.embodiment_of(task)
         assert embodiment == ("sawyer" if task.startswith("mw-") else task.split("-")[0])
-    assert {T.embodiment_of(t) for t in T.TASK_NAMES} == set(dims)
+        assert T.task_action_dim(task) == T.STOCK_DMC_TASKS.get(task, dims.get(embodiment))
+    assert {T.embodiment_of(t) for t in T.DMC_TASKS + tuple("mw-" + n for n in T.MW_TASKS)} == set(dims)
 
 
-@pytest.mark.parametrize("call", [lambda: T.make_env("walker-fly", 0), lambda: T.embodiment_of("mw-nope")])
+@pytest.mark.parametrize("call", [lambda: T.make_env("walker-fly", 0), lambda: T.embodiment_of("mw-nope"),
+                                  lambda: T.make_env("lqr-lqr-2-1", 0), lambda: T.make_env("ball_in_cup-catch", 0)])
 def test_unknown_task_lists_valid_names(call):
     with pytest.raises(SystemExit) as error:
         call()
@@ -48,12 +51,20 @@ def test_unknown_task_lists_valid_names(call):
 
 # --- every task builds, resets, steps, renders -------------------------------------------------------------
 
-@pytest.mark.parametrize("task", T.TASK_NAMES)
+# One stock task per dm_control domain (and both swimmers, whose widths differ): building one checks the action
+# dims (PixelEnv asserts the spec's shape), the camera and the pixels of its body; test_stock_task_names checks
+# the rest by name.
+STOCK_SAMPLE = ("cartpole-swingup", "pendulum-swingup", "cup-catch", "finger-spin", "point_mass-easy", "reacher-easy",
+                "hopper-hop", "fish-swim", "swimmer-swimmer6", "swimmer-swimmer15", "manipulator-bring-ball",
+                "stacker-stack-2", "quadruped-fetch", "humanoid-stand", "humanoid_CMU-stand", "dog-stand")
+
+
+@pytest.mark.parametrize("task", T.DMC_TASKS + tuple("mw-" + n for n in T.MW_TASKS) + STOCK_SAMPLE)
 def test_task_builds_and_steps(task):
     env = T.make_env(task, seed=0)
     try:
         assert env.task == task and env.embodiment == T.embodiment_of(task)
-        assert env.action_dim == T._ENV_ACTION_DIMS[T.embodiment_of(task)] and env.is_metaworld == task.startswith("mw-")
+        assert env.action_dim == T.task_action_dim(task) and env.is_metaworld == task.startswith("mw-")
         assert env.max_steps == (100 if env.is_metaworld else 500)
         image = env.reset()
         assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.flags.c_contiguous
@@ -382,3 +393,104 @@ def test_metaworld_episode_ends_at_100_steps_and_scripted_policy_succeeds():
     with pytest.raises(RuntimeError):
         env.step(np.zeros(4, np.float32))
     env.close()
+
+
+# --- stock dm_control tasks (quick checks beside the paper's): names, rewards, fine-tuning, what is refused ---
+
+def test_stock_task_names_cover_the_suite():
+    from dm_control import suite
+
+    alias = {v: k for k, v in T.DMC_DOMAIN_NAMES.items()}
+    names = {(alias.get(d, d) + "-" + t.replace("_", "-")): (d, t) for d, t in suite.ALL_TASKS if d != "lqr"}
+    assert set(T.STOCK_DMC_TASKS) == set(names) - set(T.DMC_TASKS)  # every stock task not already the paper's
+    assert "cup-catch" in T.STOCK_DMC_TASKS and "lqr-lqr-2-1" not in T.TASK_NAMES  # lqr: unbounded actions
+    for task in T.STOCK_DMC_TASKS:  # one body, one width, but the two swimmers; STOCK_SAMPLE builds each
+        domain = task.split("-")[0]
+        sample = next(s for s in STOCK_SAMPLE if s.split("-")[0] == domain and (domain != "swimmer" or s == task))
+        assert T.STOCK_DMC_TASKS[task] == T.STOCK_DMC_TASKS[sample], task
+        assert not T._is_hard(task) and T._dmc_base_task(task) == task  # reacher-hard is not a `-hard` task
+
+
+@pytest.mark.parametrize("task", ["reacher-hard", "cup-catch", "finger-turn-hard"])
+def test_stock_task_rewards_are_dm_control_s_own(task):
+    from dm_control import suite
+
+    domain, name = task.split("-", 1)
+    env = T.make_env(task, seed=4)
+    stock = suite.load(T.DMC_DOMAIN_NAMES.get(domain, domain), name.replace("-", "_"), task_kwargs={"random": 4})
+    assert env.max_steps == 500 and not env.hard
+    env.reset()
+    stock.reset()
+    np.testing.assert_array_equal(env._env.physics.data.qpos, stock.physics.data.qpos)
+    rng, total = np.random.default_rng(0), []
+    for _ in range(30):
+        action = rng.uniform(-1, 1, env.action_dim).astype(np.float32)
+        _, reward, _, _ = env.step(action)
+        expected = sum(stock.step(action.astype(np.float64)).reward for _ in range(2))
+        assert reward == pytest.approx(expected, abs=1e-12)
+        total.append(reward)
+    env.close()
+
+
+def test_stock_query_frames_are_the_task_s_resets():
+    frames = T.render_reset_frames("cup-catch", 2, 3)
+    env = T.make_env("cup-catch", seed=3 + T.QUERY_SEED_OFFSET)
+    np.testing.assert_array_equal(frames, np.stack([env.reset() for _ in range(2)]))
+    assert frames.std() > 10
+    env.close()
+
+
+@pytest.mark.parametrize("task", ["reacher-easy", "humanoid-stand"])
+def test_stock_task_finetunes_from_scratch(task, tmp_path):
+    import json
+
+    import torch
+    from test_finetune import run_main
+
+    out = tmp_path / "run"
+    run_main(task=task, no_pretrain=True, env_steps=80, out_dir=str(out))
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["env_steps"] == 80 and math.isfinite(line["eval_return"]) and line["train_updates"] > 0
+    episodes = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
+    assert len(episodes) == 2 and all(0.0 <= e["return"] <= 2.0 * e["length"] for e in episodes)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    width = max(12, T.task_action_dim(task))  # humanoid's 21 dims widen the from-scratch model's padding
+    assert ckpt["model_config"]["act_dim"] == width and ckpt["task"] == task
+    with np.load(out / "replay" / "ep-000001.npz") as z:
+        action = z["action"]
+    assert action.shape[1] == width and not action[:, T.task_action_dim(task):].any()  # padding stays zero
+    assert np.abs(action[1:, :T.task_action_dim(task)]).max() > 0
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from test_finetune import make_artifacts
+
+    return make_artifacts(tmp_path_factory.mktemp("upstream"))  # walker, cheetah and cartpole data
+
+
+def test_stock_task_with_a_pretrained_model_says_what_it_needs(artifacts, tmp_path):
+    import json
+
+    from test_finetune import run_main
+
+    out = tmp_path / "run"
+    # No reacher episode to retrieve (and none for acrobot, a paper task): rehearsal and guidance are refused.
+    for task in ("reacher-easy", "hopper-hop", "acrobot-swingup"):  # hopper has sawyer's 4 dims; acrobot cartpole's 1
+        with pytest.raises(SystemExit, match=rf"holds no {task.split('-')[0]} episode .*--no-rehearsal --no-guidance"
+                                             r".*--no-pretrain"):
+            run_main(task=task, out_dir=str(out), **artifacts)
+        assert not out.exists()
+    # Wider than the world model's 12 padded action dims: only from scratch.
+    with pytest.raises(SystemExit, match=r"humanoid-stand has 21 action dims, more than the 12 .*--no-pretrain"):
+        run_main(task="humanoid-stand", no_rehearsal=True, no_guidance=True, out_dir=str(out), **artifacts)
+    assert not out.exists()
+    # A body the model has not seen, fine-tuned naively (no retrieval): allowed.
+    run_main(task="reacher-easy", no_rehearsal=True, no_guidance=True, env_steps=80, out_dir=str(out),
+             checkpoint=artifacts["checkpoint"], index_dir="/nonexistent", data_dir="/nonexistent")
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["env_steps"] == 80 and line["train_updates"] > 0
+    # cartpole-swingup is stock but its body is in the data: GSA retrieves cartpole episodes.
+    run_main(task="cartpole-swingup", env_steps=40, guidance_frames=40, out_dir=str(tmp_path / "gsa"), **artifacts)
+    summary = json.loads((tmp_path / "gsa" / "retrieval.json").read_text())
+    assert summary["by_embodiment"] == {"cartpole": 2} and summary["action_dim"] == 1
