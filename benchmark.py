@@ -411,10 +411,12 @@ def compare_one(args: Args, specs: list, dirs: list, stage: str, size: str) -> d
     try:
         for spec, code_dir in zip(specs, dirs):
             workers.append(Worker(args, spec, stage, size, code_dir))
-        walls = [[], []]
+        walls, cpus = [[], []], [[], []]
         for i in range(args.updates):
             for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-                walls[side].append(workers[side].ask("update")["wall"])
+                answer = workers[side].ask("update")
+                walls[side].append(answer["wall"])
+                cpus[side].append(answer["cpu"])
         memory = [w.close() for w in workers]
     finally:
         for w in workers:
@@ -422,24 +424,26 @@ def compare_one(args: Args, specs: list, dirs: list, stage: str, size: str) -> d
                 w.proc.kill()
                 w.proc.wait()
     a, b = np.array(walls[0]), np.array(walls[1])
+    a_cpu, b_cpu = np.median(cpus[0]), np.median(cpus[1])
     return {"stage": stage, "size": size, "a": specs[0]["label"], "b": specs[1]["label"],
             "a_commit": specs[0].get("commit"), "b_commit": specs[1].get("commit"),
             "a_s": float(np.median(a)), "b_s": float(np.median(b)), "ratio": float(np.median(b) / np.median(a)),
             "paired_ratio": float(np.median(b / a)), "paired_ratio_q25_q75": [float(q) for q in np.quantile(b / a, [0.25, 0.75])],
-            "a_walls": walls[0], "b_walls": walls[1], "a_first": workers[0].ready["first"],
+            "a_cpu_s": float(a_cpu), "b_cpu_s": float(b_cpu), "cpu_ratio": float(b_cpu / a_cpu),
+            "a_walls": walls[0], "b_walls": walls[1], "a_cpus": cpus[0], "b_cpus": cpus[1], "a_first": workers[0].ready["first"],
             "b_first": workers[1].ready["first"], "facts": workers[0].ready["facts"],
             "a_memory": memory[0], "b_memory": memory[1]}
 
 
 def compare_table(rows: list) -> str:
     lines = ["| stage | size | A | B | A s/update | B s/update | B/A (medians) | B/A (median of pairs, IQR) | "
-             "peak MB A / B | first-update losses A / B |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "B/A CPU s | peak MB A / B | first-update losses A / B |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         losses = " / ".join(", ".join(f"{v:.6g}" for v in r[k].values()) for k in ("a_first", "b_first"))
         q = r["paired_ratio_q25_q75"]
         lines.append(f"| {r['stage']} | {r['size']} | {r['a']} | {r['b']} | {r['a_s']:.3f} | {r['b_s']:.3f} | "
-                     f"{r['ratio']:.3f} | {r['paired_ratio']:.3f} ({q[0]:.3f}-{q[1]:.3f}) | "
+                     f"{r['ratio']:.3f} | {r['paired_ratio']:.3f} ({q[0]:.3f}-{q[1]:.3f}) | {r['cpu_ratio']:.3f} | "
                      f"{r['a_memory']['peak_mb']:.0f} / {r['b_memory']['peak_mb']:.0f} | {losses} |")
     return "\n".join(lines) + "\n"
 
