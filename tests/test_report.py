@@ -1,4 +1,5 @@
-"""Tests of report.py: variant naming, IQM / bootstrap numbers by hand, figures and tables, bad input."""
+"""Tests of report.py: variant naming; rliable's aggregates, probability of improvement, performance profiles
+and stratified bootstrap by hand and against rliable's own functions; figures and tables; bad input."""
 import json
 import os
 import subprocess
@@ -48,28 +49,101 @@ def test_variant_names():
     assert v({"no_rehearsal": True, "no_guidance": True}) == "pretrain-only"
 
 
-def test_iqm_by_hand():
-    assert report.iqm(np.arange(1.0, 9.0)) == pytest.approx(4.5)  # drop 1, 2 and 7, 8
-    assert report.iqm(np.array([100.0, 1, 3, 2, 4])) == pytest.approx(3.0)  # n=5: drop one each end
-    assert report.iqm(np.array([7.0])) == pytest.approx(7.0)
-    np.testing.assert_allclose(report.iqm(np.array([[1.0, 2, 3, 4], [4, 4, 0, 8]])), [2.5, 4.0])
+def column(*values):
+    """One task's scores as rliable's [seeds, 1] array."""
+    return np.array(values, dtype=float).reshape(-1, 1)
 
 
-def test_aggregates_and_bootstrap_by_hand():
-    per_task = [np.array([0.0]), np.array([10.0]), np.array([20.0]), np.array([100.0])]
-    stats = report.stratified_bootstrap(per_task, 500, np.random.default_rng(0))
-    assert stats["mean"]["value"] == pytest.approx(32.5)
-    assert stats["median"]["value"] == pytest.approx(15.0)
-    assert stats["iqm"]["value"] == pytest.approx(15.0)  # mean of 10 and 20
-    for k in ("mean", "median", "iqm"):  # one seed per task: resampling changes nothing
-        assert stats[k]["ci"] == pytest.approx([stats[k]["value"]] * 2)
+def estimate(func, per_task, reps=4000, seed=0, conf=0.95):
+    with report.numpy_global_seed(seed):
+        return report.interval_estimates({"v": per_task}, func, reps, conf)["v"]
+
+
+def test_aggregate_metrics_by_hand():
+    # tasks with 1, 1, 1 and 5 seeds: per-task means 0, 10, 20, 40; pooled runs 0, 10, 20, 0, 20, 40, 60, 80
+    point = report.aggregate_metrics(column(0), column(10), column(20), column(0, 20, 40, 60, 80))
+    mean, median, iqm, gap = point
+    assert mean == pytest.approx(17.5) and median == pytest.approx(15.0)
+    assert iqm == pytest.approx(np.mean([10, 20, 20, 40]))  # 8 runs: drop the 2 lowest (0, 0) and 2 highest
+    assert gap == pytest.approx(100 - np.mean([0, 10, 20, 0, 20, 40, 60, 80]))
+    assert report.aggregate_metrics(column(150.0))[3] == pytest.approx(0.0)  # scores above 100 count as 100
+    assert report.aggregate_metrics(column(100, 1, 3, 2, 4))[2] == pytest.approx(3.0)  # n=5: drop one each end
+
+
+def test_aggregate_metrics_are_rliables_on_a_full_matrix():
+    from rliable import metrics
+
+    scores = np.random.default_rng(0).uniform(0, 120, (5, 4))  # [seeds, tasks]
+    point = report.aggregate_metrics(*[scores[:, [t]] for t in range(4)])
+    expected = [metrics.aggregate_mean(scores), metrics.aggregate_median(scores), metrics.aggregate_iqm(scores),
+                metrics.aggregate_optimality_gap(scores, 100)]
+    np.testing.assert_allclose(point, expected)
+
+
+def test_stratified_bootstrap_by_hand():
+    point, ci = estimate(report.aggregate_metrics, [column(0), column(10), column(20), column(100)])
+    np.testing.assert_allclose(point, [32.5, 15.0, 15.0, 67.5])
+    np.testing.assert_allclose(ci, [point, point])  # one seed per task: resampling changes nothing
     # one task, seeds {0, 10}: resampled means are 0, 5, 10 with probability 1/4, 1/2, 1/4
-    stats = report.stratified_bootstrap([np.array([0.0, 10.0])], 4000, np.random.default_rng(0))
-    assert stats["mean"]["value"] == 5.0 and stats["mean"]["ci"] == [0.0, 10.0]
+    point, ci = estimate(report.aggregate_metrics, [column(0, 10)])
+    assert point[0] == 5.0 and list(ci[:, 0]) == [0.0, 10.0]
+    # two such tasks (rliable's [seeds, tasks] matrix): each resampled on its own, so the mean of the two
+    # task means is 0 or 10 with probability 1/16 each, 2.5 or 7.5 with 1/4 each, 5 with 3/8
+    point, ci = estimate(report.aggregate_metrics, [column(0, 10), column(10, 0)])
+    assert point[0] == 5.0 and list(ci[:, 0]) == [0.0, 10.0]
+    point, ci = estimate(report.aggregate_metrics, [column(0, 10), column(10, 0)], conf=0.8)
+    assert list(ci[:, 0]) == [2.5, 7.5]  # 10% and 90% percentiles fall inside the 1/4 atoms
     # stratified: each task resampled only from its own seeds, so a constant task keeps its value
-    boot = report.stratified_bootstrap([np.array([3.0, 3.0, 3.0]), np.array([0.0, 10.0])], 4000,
-                                       np.random.default_rng(1))
-    assert boot["mean"]["value"] == 4.0 and boot["mean"]["ci"] == [1.5, 6.5]
+    point, ci = estimate(report.aggregate_metrics, [column(3, 3, 3), column(0, 10)], seed=1)
+    assert point[0] == 4.0 and list(ci[:, 0]) == [1.5, 6.5]
+
+
+def test_bootstrap_seed_gives_the_same_ci_and_leaves_numpy_alone():
+    per_task = [column(*np.random.default_rng(0).uniform(0, 100, 8)), column(5, 50, 70)]
+    np.random.seed(123)
+    before = np.random.random()
+    np.random.seed(123)
+    a = estimate(report.aggregate_metrics, per_task, reps=300, seed=0)[1]
+    assert np.random.random() == before  # the caller's global state is given back
+    b = estimate(report.aggregate_metrics, per_task, reps=300, seed=0)[1]
+    c = estimate(report.aggregate_metrics, per_task, reps=300, seed=1)[1]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_probability_of_improvement_by_hand():
+    poi = report.probability_of_improvement
+    assert poi(column(1, 2, 3), column(0, 0))[0] == pytest.approx(1.0)
+    assert poi(column(0, 0), column(1, 2, 3))[0] == pytest.approx(0.0)
+    assert poi(column(0, 0, 0), column(0, 0, 0))[0] == pytest.approx(0.5)  # ties count half
+    # pairs (1,0) 1, (1,2) 0, (0,0) 1/2, (0,2) 0 -> 3/8 on task 1; task 2 (3 seeds vs 1): 2/3; mean over tasks
+    assert poi(column(1, 0), column(5, 1, 9), column(0, 2), column(4))[0] == pytest.approx((3 / 8 + 2 / 3) / 2)
+    point, ci = estimate(poi, [column(5, 6, 7), column(1, 2, 3)])  # X always better: no uncertainty
+    assert point[0] == 1.0 and list(ci[:, 0]) == [1.0, 1.0]
+    point, ci = estimate(poi, [column(1, 5, 9), column(2, 4, 6)], reps=500)
+    assert 0.0 <= ci[0, 0] < point[0] < ci[1, 0] <= 1.0
+
+
+def test_probability_of_improvement_and_profile_match_rliable_on_a_full_matrix():
+    from rliable import library, metrics
+
+    g = np.random.default_rng(1)
+    x, y = g.uniform(0, 100, (4, 3)), g.uniform(0, 100, (5, 3))
+    got = report.probability_of_improvement(*[x[:, [t]] for t in range(3)], *[y[:, [t]] for t in range(3)])
+    assert got[0] == pytest.approx(metrics.probability_of_improvement(x, y))
+    ties_x, ties_y = g.integers(0, 4, (6, 3)).astype(float), g.integers(0, 4, (3, 3)).astype(float)
+    ties_y[:, 1] = ties_x[:3, 1]
+    got = report.probability_of_improvement(*[ties_x[:, [t]] for t in range(3)], *[ties_y[:, [t]] for t in range(3)])
+    assert got[0] == pytest.approx(metrics.probability_of_improvement(ties_x, ties_y))
+    same = g.integers(0, 3, (4, 2)).astype(float)  # rliable's special case: identical columns give 0.5
+    assert report.probability_of_improvement(same[:, [0]], same[:, [1]], same[:, [0]], same[:, [1]])[0] == 0.5
+    taus = np.linspace(0, 100, 21)
+    profile = report.performance_profile(taus)(*[x[:, [t]] for t in range(3)])
+    expected, _ = library.create_performance_profile({"x": x}, taus, reps=2)
+    np.testing.assert_allclose(profile, expected["x"])
+    # by hand, tasks with different seed counts weigh the same: task 1 {10, 30}, task 2 {50}
+    profile = report.performance_profile(np.array([0.0, 20.0, 40.0, 60.0]))(column(10, 30), column(50))
+    np.testing.assert_allclose(profile, [1.0, (0.5 + 1) / 2, 0.5, 0.0])
 
 
 def test_report_end_to_end(tmp_path):
@@ -81,8 +155,8 @@ def test_report_end_to_end(tmp_path):
              for s in range(2)]
     out = tmp_path / "out"
     report.main(args_for([tmp_path / "runs"], out, paper_reference=True, bootstrap=200))  # a dir holding run dirs
-    for task in ("walker-run", "mw-reach"):
-        assert (out / f"curves-{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("curves-walker-run", "curves-mw-reach", "performance-profile", "probability-of-improvement"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scores = json.loads((out / "scores.json").read_text())
     by = {(r["variant"], r["task"], r["seed"]): r["score"] for r in scores["runs"]}
     assert by[("gsa", "walker-run", 2)] == pytest.approx(80.0)  # return 800 / 10
@@ -91,12 +165,25 @@ def test_report_end_to_end(tmp_path):
     # per-task means: walker-run (60+70+80)/3 = 70, mw-reach (80+90)/2 = 85
     assert gsa["mean"]["value"] == pytest.approx(77.5) and gsa["median"]["value"] == pytest.approx(77.5)
     assert gsa["iqm"]["value"] == pytest.approx(np.mean([70, 80, 80]))  # of 60,70,80,80,90: drop 60, 90
+    assert gsa["optimality_gap"]["value"] == pytest.approx(100 - np.mean([60, 70, 80, 80, 90]))
     assert gsa["tasks"] == 2 and gsa["runs"] == 5
+    for k in ("mean", "median", "iqm", "optimality_gap"):
+        assert gsa[k]["ci"][0] <= gsa[k]["value"] <= gsa[k]["ci"][1]
+    # GSA (60, 70, 80) against from scratch (20, 30) on walker-run, the one task both have: always better
+    assert scores["probability_of_improvement"] == {
+        "gsa>no-pretrain": {"value": 1.0, "ci": [1.0, 1.0], "tasks": ["walker-run"]}}
+    profile = scores["performance_profile"]
+    assert profile["tau"][0] == 0.0 and profile["tau"][-1] == 100.0 and len(profile["tau"]) == 101
+    at = {tau: i for i, tau in enumerate(profile["tau"])}
+    assert profile["gsa"]["value"][at[75.0]] == pytest.approx((1 / 3 + 1) / 2)  # walker-run 80 > 75; reach both
+    assert profile["no-pretrain"]["value"][at[25.0]] == pytest.approx(0.5)
     dv3 = scores["aggregate"]["no-pretrain"]
     assert dv3["mean"]["value"] == pytest.approx(25.0) and dv3["tasks"] == 1
     md = (out / "report.md").read_text()
     assert "| walker-run | 70.0 (3) | 25.0 (2) | 72.8 | 22.4 |" in md
     assert "DreamerV3 (from scratch)" in md and "different task sets" in md
+    assert "| GSA | DreamerV3 (from scratch) | 1 | 1.00 [1.00, 1.00] |" in md
+    assert "| GSA | 2 | 5 | 77.5 [" in md and "| 24.0 [" in md  # mean, then the optimality gap 100 - 76
 
     # --last-n 2, --max-env-steps and the any-step success measure change the scores as documented
     report.main(args_for(runs, tmp_path / "out2", last_n=2, max_env_steps=25000, success_key="eval_success_any"))
@@ -105,13 +192,24 @@ def test_report_end_to_end(tmp_path):
     assert by[("gsa", "walker-run", 0)] == pytest.approx(25.0)  # evals at 10k, 20k: (100 + 400) / 2 / 10
     assert by[("gsa", "mw-reach", 0)] == pytest.approx(75.0)  # any-step success 0.5 and 1.0
 
+    # without GSA runs: no probability of improvement, and report.md says why
+    report.main(args_for(runs[3:5], tmp_path / "out3", bootstrap=50))
+    assert not (tmp_path / "out3" / "probability-of-improvement.png").exists()
+    assert (tmp_path / "out3" / "performance-profile.png").is_file()
+    assert "None: it needs GSA runs" in (tmp_path / "out3" / "report.md").read_text()
+    assert json.loads((tmp_path / "out3" / "scores.json").read_text())["probability_of_improvement"] == {}
+
 
 def test_curve_interpolates_and_holds_last_value():
     runs = [{"steps": np.array([0.0, 10.0]), "value": np.array([0.0, 10.0])},
             {"steps": np.array([0.0, 5.0]), "value": np.array([2.0, 4.0])}]
-    mean, lo, hi = report.curve(runs, np.array([0.0, 5.0, 10.0]), 200, np.random.default_rng(0))
+    with report.numpy_global_seed(0):
+        mean, lo, hi = report.curve(runs, np.array([0.0, 5.0, 10.0]), 200)
     np.testing.assert_allclose(mean, [1.0, 4.5, 7.0])  # seed 2 holds 4.0 after its last evaluation
     assert (lo <= mean).all() and (mean <= hi).all()
+    # resampling two seeds: the band's ends are the all-seed-1 and all-seed-2 curves (both drawn with p = 1/4)
+    np.testing.assert_allclose(lo, [0.0, 4.0, 4.0])
+    np.testing.assert_allclose(hi, [2.0, 5.0, 10.0])
 
 
 def test_bad_input_gives_clear_errors_and_writes_nothing(tmp_path):
