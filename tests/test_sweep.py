@@ -1,5 +1,6 @@
 """sweep.py: commands per variant, validation before anything is written, local runs that finish, are skipped
 and resume, a failing run, SIGTERM, submitit's LocalExecutor, and the SLURM submission script (fake sbatch).
+Also setup.sh's --gpu and --dry-run, the other half of launching runs on a GPU machine.
 
 Every run is tiny (cartpole-balance, 20-step episodes, 80-120 env frames), so each takes seconds.
 """
@@ -7,7 +8,9 @@ import ast
 import inspect
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,3 +272,73 @@ def test_run_logged_resumes_a_run_dir_that_holds_files(tmp_path):
     assert sweep.run_logged(command + ["--fail"], str(run_dir), str(log), {"X": "1"}, str(tmp_path)) == 0
     printed = [line for line in log.read_text().splitlines() if not line.startswith("[sweep] ")]
     assert printed == ["['--task', 'x']", "['--task', 'x']", "['--task', 'x', '--fail', '--resume']"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# setup.sh --gpu: how a launch machine gets the CUDA build (tested here: argument handling and the commands,
+# through --dry-run, in a copy of the script; the CUDA install itself has not been run)
+# ---------------------------------------------------------------------------------------------------------
+
+def setup_dry_run(tmp_path, *argv, torch_pin="torch==9.8.7", libopengl=True):
+    """Run a copy of setup.sh (beside a requirements.txt pinning `torch_pin`) with a fake ldconfig that does
+    or does not list libOpenGL; -> (process, the copy's directory)."""
+    checkout, fake_bin = tmp_path / "checkout", tmp_path / "bin"
+    checkout.mkdir()
+    fake_bin.mkdir()
+    shutil.copy(ROOT / "setup.sh", checkout)
+    requirements = re.sub(r"^torch==.*$", torch_pin, (ROOT / "requirements.txt").read_text(), flags=re.M)
+    (checkout / "requirements.txt").write_text(requirements)
+    listing = "echo '\tlibOpenGL.so.0 (libc6,x86-64)'\n" if libopengl else ""
+    (fake_bin / "ldconfig").write_text("#!/bin/sh\n" + listing)
+    (fake_bin / "ldconfig").chmod(0o755)
+    proc = subprocess.run(["bash", str(checkout / "setup.sh"), *argv], capture_output=True, text=True, timeout=60,
+                          env={**ENV, "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    return proc, checkout
+
+
+PIP_LINE = "+ .venv/bin/python -m pip install -q --disable-pip-version-check"
+
+
+def test_setup_default_is_the_plain_install(tmp_path):
+    proc, checkout = setup_dry_run(tmp_path, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["+ python3 -m venv .venv", f"{PIP_LINE} -r requirements.txt"]
+    assert sorted(p.name for p in checkout.iterdir()) == ["requirements.txt", "setup.sh"]  # nothing ran
+
+
+@pytest.mark.parametrize("argv, cuda", [(["--gpu"], "cu130"), (["--gpu", "--cuda", "cu126"], "cu126"),
+                                        (["--cuda=cu128", "--gpu"], "cu128")])
+def test_setup_gpu_installs_the_pinned_torch_from_the_cuda_index(tmp_path, argv, cuda):
+    proc, checkout = setup_dry_run(tmp_path, "--dry-run", *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "+ python3 -m venv .venv",
+        f"{PIP_LINE} torch==9.8.7+{cuda} --index-url https://download.pytorch.org/whl/{cuda}",  # requirements' pin
+        f"{PIP_LINE} -r requirements.txt"]
+    assert not (checkout / ".venv").exists()
+
+
+@pytest.mark.parametrize("argv, torch_pin, message", [
+    (["--cuda", "cu128"], "torch==2.13.0", "--cuda goes with --gpu"),
+    (["--gpu", "--cuda", "12.8"], "torch==2.13.0", "--cuda must name one of PyTorch's CUDA wheel indexes"),
+    (["--gpu", "--cuda"], "torch==2.13.0", "--cuda needs a value"),
+    (["--cpu"], "torch==2.13.0", "unknown argument '--cpu'"),
+    (["--gpu"], "torch>=2.13", "requirements.txt pins no torch==<version>"),
+])
+def test_setup_bad_arguments_exit_before_doing_anything(tmp_path, argv, torch_pin, message):
+    proc, checkout = setup_dry_run(tmp_path, *argv, torch_pin=torch_pin)  # no --dry-run: it must stop first
+    assert proc.returncode == 2 and f"setup.sh: error: {message}" in proc.stderr and proc.stdout == ""
+    assert not (checkout / ".venv").exists()
+
+
+def test_setup_dry_run_shows_apt_without_running_it(tmp_path):
+    if shutil.which("apt-get") is None:
+        pytest.skip("no apt-get here")
+    proc, _ = setup_dry_run(tmp_path, "--dry-run", "--gpu", libopengl=False)
+    assert proc.returncode == 0, proc.stderr
+    sudo = "" if os.getuid() == 0 else "sudo "
+    assert proc.stdout.splitlines()[:2] == [
+        f"+ {sudo}apt-get update -qq",
+        f"+ {sudo}apt-get install -y -qq --no-install-recommends libegl1 libopengl0 libgl1-mesa-dri libosmesa6"]
+    help_text = subprocess.run(["bash", str(ROOT / "setup.sh"), "--help"], capture_output=True, text=True).stdout
+    assert "--gpu" in help_text and "--dry-run" in help_text
