@@ -253,6 +253,14 @@ def test_slurm_submission_script(tmp_path):
     assert not (out / "report").exists()  # --no-wait: the report comes with the next run of the command
 
 
+def test_every_flag_is_used():
+    tree = ast.parse(inspect.getsource(sweep))
+    used = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"}
+    unused = [f.name for f in sweep.dataclasses.fields(sweep.Args) if f.name not in used]
+    assert not unused, f"Args fields never read: {unused}"
+
+
 def test_requeued_job_is_the_same_run():
     submitit = pytest.importorskip("submitit")
     job = sweep.RunJob()
