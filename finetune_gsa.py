@@ -187,6 +187,9 @@ class Args:
     """lambda of the lambda-returns (Eq. 2)"""
     entropy_scale: float = 1e-4
     """actor entropy regulariser eta (Eq. 3)"""
+    critic_bootstrap: Literal["slow", "fast"] = "slow"
+    """critic whose values close the lambda-returns (Eq. 2): the slow EMA copy (the release's) or the critic
+    itself (Dreamer's first version); see Agent.behavior_loss"""
     actor_lr: float = 8e-5
     """actor Adam learning rate"""
     critic_lr: float = 8e-5
@@ -527,10 +530,13 @@ class Agent(nn.Module):
     def __init__(self, cfg: "ModelConfig", action_dim: int, *, units: int, layers: int, horizon: int,
                  discount: float = 0.99, return_lambda: float = 0.95, entropy_scale: float = 1e-4,
                  wm_lr: float = 1e-4, actor_lr: float = 8e-5, critic_lr: float = 8e-5,
-                 kl: tuple = (1.0, 0.1, 1.0), precision: str = "auto"):
+                 critic_bootstrap: str = "slow", kl: tuple = (1.0, 0.1, 1.0), precision: str = "auto"):
         super().__init__()
         self.cfg, self.action_dim, self.horizon = cfg, action_dim, horizon  # horizon: imagined steps per start
         self.discount, self.lam, self.entropy_scale = discount, return_lambda, entropy_scale
+        if critic_bootstrap not in ("slow", "fast"):
+            raise ValueError(f"critic_bootstrap must be 'slow' or 'fast', got {critic_bootstrap!r}")
+        self.critic_bootstrap = critic_bootstrap
         self.kl, self.precision = tuple(kl), precision  # kl: beta_dyn, beta_rep, free nats (pre-training's)
         self.wm = WorldModel(cfg)
         feat_dim = cfg.deter + cfg.stoch * cfg.classes
@@ -596,13 +602,17 @@ class Agent(nn.Module):
         # Heads on all H+1 states and slice their outputs: slicing the features instead would make the
         # backward pass zero-fill and copy a feature-sized gradient buffer.
         reward = twohot_mean(self.reward(feats), self.bins)[1:]  # [H, N]: reward[t] at state t+1
-        bootstrap = twohot_mean(self.slow_critic(feats), self.bins)  # [H+1, N]; weights frozen, features not
+        if self.critic_bootstrap == "slow":
+            bootstrap = twohot_mean(self.slow_critic(feats), self.bins)  # [H+1, N]; weights frozen, features not
+            logits = self.critic(feats[:-1])
+        else:  # one critic pass serves as both; the actor's backward is restricted to its own weights
+            logits = self.critic(feats)
+            bootstrap, logits = twohot_mean(logits, self.bins), logits[:-1]
         ret = lambda_return(reward, bootstrap, self.discount, self.lam)  # [H, N]
         self.return_norm.update(ret)
         scale = self.return_norm.scale()
         weight = self.discount ** torch.arange(self.horizon, device=ret.device, dtype=ret.dtype)[:, None]
         actor_loss = -(weight * ret).mean() / scale - self.entropy_scale * (weight * ent).mean()
-        logits = self.critic(feats[:-1])
         critic_loss = (weight * twohot_nll(logits, ret.detach(), self.bins)).mean()
         with torch.no_grad():
             value = twohot_mean(logits, self.bins)
@@ -1292,7 +1302,8 @@ def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
     p = setup.preset
     agent = Agent(setup.cfg, action_dim, units=p["units"], layers=p["layers"], horizon=p["horizon"],
                   discount=args.discount, return_lambda=args.return_lambda, entropy_scale=args.entropy_scale,
-                  wm_lr=args.wm_lr, actor_lr=args.actor_lr, critic_lr=args.critic_lr, kl=kl,
+                  wm_lr=args.wm_lr, actor_lr=args.actor_lr, critic_lr=args.critic_lr,
+                  critic_bootstrap=args.critic_bootstrap, kl=kl,
                   precision=args.precision).to(setup.device)
     if setup.wm_ckpt is not None:
         agent.wm.load_state_dict(setup.wm_ckpt["model"], strict=True)
