@@ -40,6 +40,10 @@ Choices worth knowing:
     and the critic's targets bootstrap from the slow critic (the release's); see actor_sample and
     Agent.behavior_loss for why.
   * --no-pretrain has no encoder to query the index with, hence no retrieval, rehearsal or guidance.
+  * --init-from RUN (task adaptation, Sec. 4.2) starts from an earlier run of the same embodiment: its world model
+    and actor, fresh reward head, critics, return scale and optimisers; the earlier runs' online episodes are
+    retrieval candidates beside the offline ones (in memory: the index files are not changed), encoded, like the
+    query, by the pre-trained encoder the index was built with.
   * --resume restores weights, optimisers, return normalisation, counters, RNG states and the online replay
     (replay/*.npz), but a simulator's state cannot be saved: the resumed train env is rebuilt with seed
     seed + 1000 * episodes, so episodes after a resume differ from those of an uninterrupted run.
@@ -121,6 +125,11 @@ class Args:
     AVX512-BF16 or AMX about halves the update time (README, Speed); on one without them it is slower"""
     resume: bool = False
     """continue the run in --out-dir from its ckpt.pt (required to reuse an existing run directory)"""
+    init_from: Optional[str] = None
+    """task adaptation (Sec. 4.2): start from an earlier fine-tuning run directory of the same embodiment and model
+    size: its world model and actor are loaded, the reward head, critics, return scale and optimisers start
+    fresh, and its online episodes (and those of the runs it started from) join the offline episodes that
+    retrieval and rehearsal draw from, without their rewards. With --resume, it must name the run's own"""
     track: bool = False
     """also log the config and every TensorBoard scalar to Weights & Biases (needs `pip install wandb`;
     WANDB_MODE=offline keeps the run on disk)"""
@@ -141,8 +150,9 @@ class Args:
     """no prior pi_bc: random warm-up actions and the RL policy acts everywhere"""
     guidance: Literal["window", "jsrl"] = "window"
     """window: pi_bc acts on a random window of a guided episode (GSA); jsrl: the window starts at step 0"""
-    guidance_schedule: Literal["paper", "release"] = "paper"
-    """paper: p = 1 -> 0 over 50k frames (DMC) / 150k (Meta-World); release: 1 -> 0.1 over 200k frames"""
+    guidance_schedule: Literal["paper", "release", "scaled"] = "paper"
+    """paper: p = 1 -> 0 over 50k frames (DMC) / 150k (Meta-World); release: 1 -> 0.1 over 200k frames;
+    scaled: 1 -> 0 over the first third of --env-steps (DMC) / two thirds (Meta-World), for shorter runs"""
     guidance_start: Optional[float] = None
     """override the schedule's initial guidance probability"""
     guidance_end: Optional[float] = None
@@ -245,8 +255,10 @@ def guidance_schedule(args: Args, is_metaworld: bool) -> tuple[float, float, int
     """(start p, end p, length in env frames) of the linear guidance schedule."""
     if args.guidance_schedule == "paper":  # appendix J: linear(1, 0, 50k) DMC, linear(1, 0, 150k) Meta-World
         start, end, frames = 1.0, 0.0, 150_000 if is_metaworld else 50_000
-    else:  # release: 1 -> 0.1 over 100k agent steps = 200k env frames at action repeat 2
+    elif args.guidance_schedule == "release":  # 1 -> 0.1 over 100k agent steps = 200k env frames
         start, end, frames = 1.0, 0.1, 100_000 * ACTION_REPEAT
+    else:  # scaled: the paper's DMC shape (a third of a 150k budget) at any budget; Meta-World two thirds
+        start, end, frames = 1.0, 0.0, (2 * args.env_steps if is_metaworld else args.env_steps) // 3
     start = start if args.guidance_start is None else args.guidance_start
     end = end if args.guidance_end is None else args.guidance_end
     frames = frames if args.guidance_frames is None else args.guidance_frames
@@ -719,19 +731,25 @@ def pad_actions(action: np.ndarray, width: int) -> np.ndarray:
 
 
 def load_offline_episode(data_dir: Path, row: dict, expected_sha: str, width: int) -> dict:
-    """One retrieved episode in replay format (reward zeros: the offline data has none), sha256-checked."""
+    """One retrieved episode in replay format, sha256-checked. Rewards are zeros: the offline data has none, and
+    an earlier task's online episode (--init-from) has its rewards dropped."""
     path = data_dir / row["path"]
     try:
         raw = path.read_bytes()
     except OSError as e:
         fail(f"cannot read retrieved episode {path}: {e}")
     if sha256_bytes(raw) != expected_sha:
-        fail(f"episode file {path} is corrupt: its sha256 differs from {data_dir / 'manifest.json'}")
+        fail(f"episode file {path} is corrupt: its sha256 differs from "
+             + ("the one it had when this run retrieved it" if row.get("source") == "online"
+                else str(data_dir / "manifest.json")))
     with np.load(io.BytesIO(raw), allow_pickle=False) as z:
         if "image" not in z.files or "action" not in z.files:
             fail(f"episode file {path} lacks 'image' or 'action' (keys: {z.files})")
         image, action = z["image"], z["action"].astype(np.float32)
         is_first = z["is_first"].astype(bool) if "is_first" in z.files else np.arange(len(image)) == 0
+    dim = row.get("action_dim", action.shape[-1])
+    if action.ndim == 2 and action.shape[1] > dim and not action[:, dim:].any():
+        action = action[:, :dim]  # an online episode (--init-from) stores its actions zero-padded to the model's
     if (image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8 or action.ndim != 2
             or len(action) != len(image) or action.shape[1] != row.get("action_dim", action.shape[1])
             or action.shape[1] > width):
@@ -1219,6 +1237,10 @@ class Setup:
     use_guidance: bool
     use_rehearsal: bool
     wandb: object = None  # the wandb module with --track
+    init: Optional[dict] = None  # --init-from: the earlier run's checkpoint (a new run only)
+    # --init-from: the earlier runs whose online episodes join the retrieval candidates, oldest first:
+    # [{"run": absolute run dir, "task": its task, "episodes": its replay episodes}]
+    experience: list = dataclasses.field(default_factory=list)
 
 
 def prepare(args: Args) -> Setup:
@@ -1227,6 +1249,8 @@ def prepare(args: Args) -> Setup:
     if args.task not in TASK_NAMES:
         fail(f"unknown task {args.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
     check_ranges(args)
+    if args.init_from is not None and args.no_pretrain:
+        fail("--init-from starts from an earlier run's world model and --no-pretrain from a fresh one; drop one")
     wandb = import_wandb(args.track)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -1268,10 +1292,14 @@ def prepare(args: Args) -> Setup:
         fail(f"{args.task} has {action_dim} action dims, more than the {cfg.act_dim} the world model in "
              f"{args.checkpoint} takes (pre-trained on {', '.join(pretrained_on) or 'other embodiments'}); "
              f"learn it from scratch with --no-pretrain")
+    init, experience = None, list((resume or {}).get("experience") or [])  # a resumed run keeps its own list
+    if args.init_from is not None and resume is None:
+        init, experience = load_init_run(args, size, cfg, wm_sha)
     index = meta = manifest = None
     if use_guidance or use_rehearsal:
         index, meta = load_index(Path(args.index_dir), wm_sha, Path(args.checkpoint))
-        held = sorted({str(row.get("embodiment")) for row in meta["rows"]})
+        held = sorted({str(row.get("embodiment")) for row in meta["rows"]}
+                      | {embodiment_of(run["task"]) for run in experience})
         if embodiment not in held:
             fail(f"the index in {args.index_dir} holds no {embodiment} episode (only {', '.join(held)}), so "
                  f"{args.task} has nothing to rehearse or to clone the prior from; fine-tune the pre-trained world "
@@ -1290,7 +1318,63 @@ def prepare(args: Args) -> Setup:
     if B - b_off < 1:
         fail(f"batch {B} with --offline-ratio {args.offline_ratio} leaves no online rows")
     return Setup(out_dir, resume, device, wm_ckpt, wm_sha, size, cfg, index, meta, manifest, preset, B - b_off,
-                 b_off, use_guidance, use_rehearsal, wandb)
+                 b_off, use_guidance, use_rehearsal, wandb, init, experience)
+
+
+def load_init_run(args: Args, size: str, cfg: "ModelConfig", wm_sha: str) -> tuple[dict, list]:
+    """--init-from (task adaptation, Sec. 4.2): the earlier run's checkpoint, checked against this run (same
+    embodiment and action dims, same size and world-model config, same pre-trained checkpoint, so that the index
+    still fits), and the earlier runs whose online episodes become retrieval candidates: the ones the earlier run
+    itself started from, then the earlier run. Nothing is written. -> (its checkpoint, the list of runs)."""
+    init_dir = Path(args.init_from)
+    if not init_dir.is_dir():
+        fail(f"--init-from {init_dir}: no such run directory")
+    path = init_dir / "ckpt.pt"
+    if not path.is_file():
+        fail(f"--init-from {init_dir} holds no ckpt.pt (not a {SCRIPT} run directory, or one that never saved)")
+    init = load_torch_file(path, "the earlier run's checkpoint (--init-from)",
+                           "restore it from a backup or start from another run")
+    keys = ("model", "actor", "model_config", "args", "counters")
+    if init.get("format_version") != FORMAT_VERSION or init.get("script") != SCRIPT \
+            or any(k not in init for k in keys):
+        fail(f"--init-from {path} is not a {SCRIPT} checkpoint of format version {FORMAT_VERSION}")
+    then = str((init.get("args") or {}).get("task"))
+    if then not in TASK_NAMES:
+        fail(f"--init-from {path} is a run of an unknown task {then!r}")
+    if (embodiment_of(then), task_action_dim(then)) != (embodiment_of(args.task), task_action_dim(args.task)):
+        fail(f"--init-from {init_dir} learned {then} ({embodiment_of(then)}, {task_action_dim(then)} action dims) "
+             f"but {args.task} is a {embodiment_of(args.task)} task ({task_action_dim(args.task)} action dims); a "
+             f"run carries over only to tasks of its own embodiment")
+    if init.get("size") != size:
+        fail(f"--init-from {init_dir} is a run of size {init.get('size')!r}, this run is of size {size!r} (--size, "
+             f"or the size of {args.checkpoint}); the world model and actor would not fit")
+    if dict(init["model_config"]) != asdict(cfg):
+        got, want = dict(init["model_config"]), asdict(cfg)
+        fail(f"--init-from {init_dir} holds a world model of another configuration than {args.checkpoint}'s: "
+             + ", ".join(f"{k}: earlier run {got.get(k)} vs {want.get(k)}" for k in sorted(set(got) | set(want))
+                         if got.get(k) != want.get(k)))
+    if (init.get("args") or {}).get("no_pretrain"):
+        fail(f"--init-from {init_dir} was learned from scratch (--no-pretrain); start a task from a run that "
+             f"fine-tuned {args.checkpoint}, or learn this task from scratch too")
+    then_sha = init.get("wm_sha256")
+    if then_sha is None:
+        print(f"[finetune] note: {path} does not record its pre-trained checkpoint; assuming {args.checkpoint}")
+    elif then_sha != wm_sha:
+        fail(f"--init-from {init_dir} fine-tuned another pre-trained checkpoint (sha256 {then_sha[:16]}...) than "
+             f"--checkpoint {args.checkpoint} ({wm_sha[:16]}...), whose index retrieval uses; pass the checkpoint "
+             f"the earlier run started from")
+    episodes = int(init["counters"].get("episodes", 0))
+    if init["counters"].get("env_frames", 0) < (init.get("args") or {}).get("env_steps", 0):
+        print(f"[finetune] note: --init-from {init_dir} stopped at {init['counters'].get('env_frames')} of its "
+              f"{init['args']['env_steps']} frames; starting from its last checkpoint")
+    experience = [dict(run) for run in init.get("experience") or []]
+    experience.append({"run": str(init_dir.resolve()), "task": then, "episodes": episodes})
+    for run in experience:
+        gone = [p for p in (replay_path(Path(run["run"]), i) for i in range(int(run["episodes"]))) if not p.is_file()]
+        if gone:
+            fail(f"{gone[0]} is missing ({len(gone)} of the {run['episodes']} online episodes of the earlier "
+                 f"{run['task']} run {run['run']}); restore them, or start from a run whose episodes are all there")
+    return init, experience
 
 
 def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
@@ -1307,24 +1391,38 @@ def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
                   precision=args.precision).to(setup.device)
     if setup.wm_ckpt is not None:
         agent.wm.load_state_dict(setup.wm_ckpt["model"], strict=True)
+    if setup.init is not None:
+        # Task adaptation (Sec. 4.2): the earlier task's world model and actor carry over; the reward head, critic,
+        # slow critic, return scale and every optimiser stay as built, since rewards differ between tasks.
+        try:
+            agent.wm.load_state_dict(setup.init["model"], strict=True)
+            agent.actor.load_state_dict(setup.init["actor"], strict=True)
+        except RuntimeError as e:
+            fail(f"--init-from {args.init_from}: its world model or actor does not fit this run's "
+                 f"({str(e).strip().splitlines()[0][:200]}...)")
     return agent
 
 
 def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple:
     """Step 1 (Eq. 4): the k offline episodes whose first frames are nearest to the task's reset frames, of the
-    task's action dim, encoded by the agent's own encoder. A resumed run reloads the set it retrieved.
+    task's action dim, encoded by the agent's own encoder (with --init-from, the pre-trained one the index was built
+    with; the earlier runs' online episodes are candidates too). A resumed run reloads the set it retrieved.
     -> (D_r as a SequenceReplay, [(index row, distance)], its make-up as retrieval_summary gives it)."""
     A = env.action_dim
     if setup.resume is not None:
         rows = {r["path"]: r for r in setup.meta["rows"]}
+        rows.update({r["path"]: r for r in setup.resume.get("retrieved_online") or []})  # --init-from's
         missing = [path for path, _ in setup.resume["retrieved"] if path not in rows]
         if missing:
             fail(f"the index in {args.index_dir} changed since this run started: {missing[0]} is gone")
         pairs = [(rows[path], dist) for path, dist in setup.resume["retrieved"]]
     else:
+        encoder = agent.wm.encoder if setup.init is None else index_encoder(setup, agent)
         frames = render_reset_frames(args.task, args.query_resets, args.seed)
         with torch.no_grad():
-            query = agent.wm.encoder(torch.as_tensor(frames, device=setup.device)).float().cpu().numpy()
+            query = encoder(torch.as_tensor(frames, device=setup.device)).float().cpu().numpy()
+        if setup.experience:
+            add_experience(setup, encoder)
         t0 = time.time()
         pairs = retrieve(setup.index, setup.meta, query, args.k, action_dim=A)
         print(f"[retrieval] {len(pairs)} episodes in {time.time() - t0:.2f}s (k={args.k}, action dim {A})")
@@ -1334,15 +1432,17 @@ def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple
     shas = {ep["path"]: ep["sha256"] for ep in setup.manifest["episodes"]}
     offline = SequenceReplay()
     for row, _ in pairs:
-        if row["path"] not in shas:
+        sha = row.get("sha256") if row.get("source") == "online" else shas.get(row["path"])
+        if sha is None:
             fail(f"retrieved episode {row['path']} is not in {args.data_dir}/manifest.json")
-        offline.add(load_offline_episode(Path(args.data_dir), row, shas[row["path"]], setup.cfg.act_dim))
+        offline.add(load_offline_episode(Path(args.data_dir), row, sha, setup.cfg.act_dim))  # reward-free
     L = setup.preset["seq_len"]
     if setup.use_rehearsal and all(len(e["image"]) < L for e in offline.episodes):
         fail(f"no retrieved episode has {L} steps (--seq-len)")
     summary = retrieval_summary(args, pairs, A)
     print(f"[retrieval] D_r: {len(offline)} episodes, {offline.steps} steps; by embodiment "
-          f"{summary['by_embodiment']}; by source task {summary['by_source_task']}")
+          f"{summary['by_embodiment']}; by source task {summary['by_source_task']}"
+          + (f"; by source {summary['by_source']}" if setup.experience else ""))
     if summary["mixed_embodiments"]:  # e.g. walker and cheetah share 6 action dims
         print(f"[retrieval] WARNING: D_r mixes embodiments {summary['by_embodiment']}: the prior is cloned from, and "
               f"rehearsal replays, another body's episodes too. With a small dataset, a --k of at most the task "
@@ -1351,13 +1451,59 @@ def retrieve_rehearsal_set(args: Args, setup: Setup, agent: Agent, env) -> tuple
 
 
 def retrieval_summary(args: Args, pairs: list, action_dim: int) -> dict:
-    """What D_r is made of: counts by embodiment and by source task, and every episode with its distance."""
+    """What D_r is made of: counts by embodiment, by source task and by source (the offline data, or the online
+    episodes of an earlier task with --init-from), and every episode with its distance."""
     by_embodiment = dict(Counter(row["embodiment"] for row, _ in pairs))
+    source = lambda row: f"online/{row.get('task')}" if row.get("source") == "online" else "offline"  # noqa: E731
     return {"k": args.k, "action_dim": action_dim, "mixed_embodiments": len(by_embodiment) > 1,
             "by_embodiment": by_embodiment,
             "by_source_task": dict(Counter(f"{row['embodiment']}/{row.get('task')}" for row, _ in pairs)),
+            "by_source": dict(Counter(source(row) for row, _ in pairs)),
             "episodes": [{"path": row["path"], "embodiment": row["embodiment"], "task": row.get("task"),
-                          "distance": dist} for row, dist in pairs]}
+                          "source": source(row), "distance": dist} for row, dist in pairs]}
+
+
+def index_encoder(setup: Setup, agent: Agent) -> "Encoder":
+    """The pre-trained checkpoint's encoder, the one the index was built with. With --init-from the agent's own
+    encoder has been fine-tuned on earlier tasks, and Eq. 4 compares features of one and the same encoder."""
+    encoder = copy.deepcopy(agent.wm.encoder)  # the same module; a copy draws no random numbers
+    encoder.load_state_dict({k[len("encoder."):]: v for k, v in setup.wm_ckpt["model"].items()
+                             if k.startswith("encoder.")}, strict=True)
+    return encoder.eval()
+
+
+def add_experience(setup: Setup, encoder: "Encoder", batch: int = 64) -> None:
+    """Task adaptation (Sec. 4.2): the earlier runs' online episodes join the offline episodes as retrieval
+    candidates. Their first frames are encoded like the index's (by the index's encoder) and added to the index as
+    read into memory, with a row each (absolute path, sha256, source "online"); the index files are not touched.
+    Rehearsal then reads them like offline episodes, sha256-checked and without their rewards."""
+    rows, frames, t0 = [], [], time.time()
+    size = setup.cfg.image_size
+    for run in setup.experience:
+        for i in range(int(run["episodes"])):
+            path = replay_path(Path(run["run"]), i)
+            try:
+                raw = path.read_bytes()
+                with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                    image = z["image"]
+            except Exception as e:  # noqa: BLE001 - missing, truncated or not an npz
+                fail(f"online episode {path} of the earlier {run['task']} run is missing or damaged "
+                     f"({type(e).__name__}: {str(e)[:200]})")
+            if image.ndim != 4 or image.shape[1:] != (size, size, 3) or image.dtype != np.uint8:
+                fail(f"online episode {path} has images {image.dtype} {list(image.shape)}, expected uint8 "
+                     f"[T+1, {size}, {size}, 3]")
+            frames.append(image[0])
+            rows.append({"path": str(path), "embodiment": embodiment_of(run["task"]), "task": run["task"],
+                         "action_dim": task_action_dim(run["task"]), "length": len(image) - 1, "source": "online",
+                         "sha256": sha256_bytes(raw)})
+    with torch.no_grad():
+        for lo in range(0, len(frames), batch):
+            x = torch.as_tensor(np.stack(frames[lo:lo + batch]), device=setup.device)
+            setup.index.add(np.ascontiguousarray(encoder(x).float().cpu().numpy()))
+    setup.meta = {**setup.meta, "rows": setup.meta["rows"] + rows}
+    print(f"[retrieval] {len(rows)} online episodes of {len(setup.experience)} earlier run(s) "
+          f"({', '.join(run['task'] for run in setup.experience)}) joined the {setup.index.ntotal - len(rows)} "
+          f"offline candidates in {time.time() - t0:.1f}s")
 
 
 def train_prior(args: Args, setup: Setup, offline: SequenceReplay, action_dim: int, np_rng,
@@ -1533,14 +1679,17 @@ def main(args: Args) -> None:
     online = SequenceReplay()
     if setup.resume is not None:
         restore(setup, agent, np_rng, online, counters)
-    wall_offset, setup.resume, setup.wm_ckpt = counters["wall_time"], None, None
+    wall_offset, setup.resume, setup.wm_ckpt, setup.init = counters["wall_time"], None, None, None
 
     def checkpoint():
         counters["wall_time"] = wall_offset + time.time() - wall0
         counters["last_ckpt_frames"] = counters["env_frames"]
         save_checkpoint(ckpt_path, agent, prior, use_guidance, counters, np_rng, args,
                         {"size": setup.size, "task": args.task, "retrieved": [[r["path"], d] for r, d in pairs],
-                         "guidance": {"start": g_start, "end": g_end, "frames": g_frames}})
+                         "guidance": {"start": g_start, "end": g_end, "frames": g_frames}, "wm_sha256": setup.wm_sha,
+                         # task adaptation: the earlier runs (for the next --init-from) and D_r's online rows
+                         "experience": setup.experience,
+                         "retrieved_online": [r for r, _ in pairs if r.get("source") == "online"]})
 
     if counters["episodes"] == 0:
         checkpoint()  # the prior is kept, so a resume does not clone it again

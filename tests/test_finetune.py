@@ -142,6 +142,13 @@ def test_twohot_round_trip_and_symlog():
 # Execution guidance
 # ---------------------------------------------------------------------------------------------------------
 
+def test_guidance_schedule_scaled_to_the_budget():
+    dmc = ft.guidance_schedule(ft.Args(guidance_schedule="scaled", env_steps=50_000), is_metaworld=False)
+    mw = ft.guidance_schedule(ft.Args(guidance_schedule="scaled", env_steps=60_000), is_metaworld=True)
+    assert dmc == (1.0, 0.0, 16_666) and mw == (1.0, 0.0, 40_000)
+    assert ft.guidance_probability(25_000, *mw) == 0.375 and ft.guidance_probability(50_000, *mw) == 0.0
+
+
 def test_guidance_schedule_values():
     dmc = ft.guidance_schedule(ft.Args(), is_metaworld=False)
     mw = ft.guidance_schedule(ft.Args(), is_metaworld=True)
