@@ -106,6 +106,17 @@ def test_critic_tracks_its_target_under_a_constant_reward():
     assert ret > 15 and abs(ret - value) <= 0.1 * ret, (value, ret)
 
 
+@pytest.mark.parametrize("bootstrap, value", [("slow", 2.0), ("fast", 10.0)])
+def test_critic_bootstrap_chooses_which_critic_closes_the_returns(bootstrap, value):
+    # Reward 0; the critic says 10 everywhere, the slow critic 2: the lambda-returns must close on the chosen one.
+    agent = tiny_agent(horizon=5, critic_bootstrap=bootstrap)
+    agent.reward = ConstantReward(agent.bins, 0.0)
+    agent.critic, agent.slow_critic = ConstantReward(agent.bins, 10.0), ConstantReward(agent.bins, 2.0)
+    _, _, m = agent.behavior_loss(agent.wm.rssm.initial(8))
+    expected = ft.lambda_return(torch.zeros(5, 8), torch.full((6, 8), value), 0.99, 0.95).mean()
+    assert m["return_mean"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_replay_windows_start_a_sequence():
     replay = ft.SequenceReplay()
     for _ in range(3):
