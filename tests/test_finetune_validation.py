@@ -70,6 +70,19 @@ def test_torn_last_log_line_does_not_block_resume(tmp_path):
     assert [x["env_steps"] for x in lines] == [80, 120]
 
 
+def test_resume_keeps_the_runs_own_preset_flags(tmp_path):
+    # A run saved with --critic-lr 3e-4 resumes with the flag left out and keeps 3e-4; an older run saved
+    # critic_lr 8e-5 as a plain default, and it resumes too. A flag given with another value is refused.
+    out = tmp_path / "run"
+    common = dict(task="cartpole-balance", no_pretrain=True, out_dir=str(out))
+    run_main(env_steps=80, critic_lr=3e-4, critic_bootstrap="fast", **common)
+    run_main(env_steps=120, resume=True, **common)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["counters"]["env_frames"] == 120 and ckpt["optimizers"]["critic"]["param_groups"][0]["lr"] == 3e-4
+    with pytest.raises(SystemExit, match=r"critic_lr \(0.0003 there, 0.001 now\)"):
+        run_main(env_steps=160, resume=True, critic_lr=1e-3, **common)
+
+
 def test_non_finite_or_out_of_bounds_offline_action_is_named_at_load(tmp_path):
     for bad in (float("nan"), 1e38):
         root = tmp_path / f"up-{bad}"
