@@ -22,14 +22,28 @@ On the 18 runs of results/cpu_scale they give the numbers of the hand-written bo
 (README, "Report and sweeps").
 
 Reads:  <run>/args.json and <run>/metrics.jsonl for every run given (or every run one level below a dir).
-Writes: <out-dir>/curves-<task>.png (mean over seeds and a bootstrap band, one line per variant),
+Writes: <out-dir>/curves-<task>.png (mean over seeds, a bootstrap band where there are 2+ seeds, one line per
+        variant; the random-action level when the runs' episodes.jsonl hold random warm-up episodes),
         <out-dir>/performance-profile.png, <out-dir>/probability-of-improvement.png (rliable's plots; the
         latter only with GSA runs and runs of another variant on a task in common),
         <out-dir>/report.md (per-task, aggregate and probability-of-improvement tables), <out-dir>/scores.json
-        (every number).
+        (every number); with --summary, <out-dir>/summary.png (below).
 
-Example:
+Summary (--summary, the main job's picture): one page on one GSA run against one from-scratch run of the same
+task (other variants' single runs on it join the evaluation panel): (a) the task's reset frames beside the
+retrieved episodes' first frames and D_r's make-up by embodiment and source task; (b) every training episode's
+return over env frames, marking the warm-up episodes the prior drove, the random ones, and those with a prior
+window, with GSA's guidance p; (c) the RL policy's evaluations (return, and success on Meta-World) with the
+random-action level and, with --paper-reference, the paper's results at 150k frames; (d) the pre-trained world
+model's open-loop prediction of a held-out clip of the task's embodiment; and a caption written from the numbers
+(also in report.md and scores.json). It reads, besides args.json and metrics.jsonl: both runs' episodes.jsonl,
+GSA's retrieval.json and first replay episodes, the offline episodes its --data-dir holds, and the videos/ and
+metrics.jsonl beside its --checkpoint (pretrain_wm.py's). A missing optional input leaves its panel empty and is
+printed.
+
+Examples:
     python report.py --runs results/runs/*/ --out-dir results/ --paper-reference
+    python report.py --runs runs/demo/finetune/*/ --out-dir runs/demo/report --summary --paper-reference
 """
 import os
 
@@ -72,6 +86,11 @@ class Args:
     """points of the common env-steps grid the seeds' curves are interpolated onto"""
     paper_reference: bool = False
     """draw the paper's GSA and DreamerV3 results at 150k samples as reference lines; add them to the tables"""
+    summary: bool = False
+    """also draw summary.png, one page on one GSA run against one from-scratch run of the same task (the main
+    job's picture): retrieved episodes, every training episode, the evaluations, the pre-trained model's open-loop
+    prediction, and a caption stating the numbers; reads their episodes.jsonl, GSA's retrieval.json, replay and
+    the data and pre-training outputs its args.json names"""
 
 
 VARIANTS = ("gsa", "jsrl", "no-rehearsal", "no-guidance", "pretrain-only", "no-pretrain")
@@ -147,16 +166,8 @@ def read_run(run: Path, args: Args) -> dict:
     path = run / "metrics.jsonl"
     if not path.is_file():
         fail(f"{path} does not exist")
-    steps, values = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path}:{lineno} is not valid JSON: {e}")
-        if not isinstance(record, dict):
-            fail(f"{path}:{lineno} is not a JSON object")
+    steps, values, returns = [], [], []
+    for lineno, record in read_jsonl(path):
         if "eval_return" not in record:
             continue  # not an evaluation record
         if "env_steps" not in record:
@@ -167,20 +178,60 @@ def read_run(run: Path, args: Args) -> dict:
             value = record[args.success_key]
         else:
             value = record["eval_return"]
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not isinstance(
-                record["env_steps"], (int, float)):
-            fail(f"{path}:{lineno}: env_steps and the evaluation value must be finite numbers")
+        if not all(isinstance(x, (int, float)) and math.isfinite(x)
+                   for x in (value, record["env_steps"], record["eval_return"])):
+            fail(f"{path}:{lineno}: env_steps, eval_return and the evaluation value must be finite numbers")
         if args.max_env_steps is None or record["env_steps"] <= args.max_env_steps:
             steps.append(float(record["env_steps"]))
             values.append(float(value))
+            returns.append(float(record["eval_return"]))
     if not steps:
         fail(f"{path} has no evaluations" + (f" at or before {args.max_env_steps} env steps"
                                                if args.max_env_steps is not None else ""))
     order = np.argsort(steps, kind="stable")
-    steps, values = np.array(steps)[order], np.array(values)[order]
+    steps, values, returns = np.array(steps)[order], np.array(values)[order], np.array(returns)[order]
     scale = 100.0 if is_metaworld(task) else 0.1  # normalised score: MW success x 100, DMC return / 10
     return {"dir": str(run), "task": task, "seed": run_args["seed"], "variant": variant_name(run_args),
-            "steps": steps, "value": values, "score": float(values[-args.last_n:].mean() * scale)}
+            "args": run_args, "steps": steps, "value": values, "eval_return": returns,
+            "score": float(values[-args.last_n:].mean() * scale)}
+
+
+def read_jsonl(path: Path) -> list:
+    """[(line number, JSON object)] of a .jsonl file, blank lines skipped; a damaged line is named."""
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{lineno} is not valid JSON: {e}")
+        if not isinstance(record, dict):
+            fail(f"{path}:{lineno} is not a JSON object")
+        records.append((lineno, record))
+    return records
+
+
+def random_policy_level(runs: list, success_key: str) -> Optional[dict]:
+    """Mean return (and Meta-World success) of the random-action episodes among the runs' training episodes.
+
+    finetune_gsa.py plays its warm-up with uniform random actions whenever guidance is off (from scratch,
+    pre-train + naive), and with pi_bc otherwise; episodes.jsonl marks both (warmup, prior_steps), so the warm-up
+    episodes with prior_steps 0 are random-policy episodes of the task. None if no run has any (or no
+    episodes.jsonl)."""
+    episodes = []
+    for r in runs:
+        path = Path(r["dir"]) / "episodes.jsonl"
+        if path.is_file():
+            episodes += [e for _, e in read_jsonl(path) if e.get("warmup") is True and e.get("prior_steps") == 0
+                         and isinstance(e.get("return"), (int, float))]
+    if not episodes:
+        return None
+    level = {"episodes": len(episodes), "return": float(np.mean([e["return"] for e in episodes]))}
+    key = "success" if success_key == "eval_success" else "success_any"  # the same measure as the evaluations'
+    if all(key in e for e in episodes):
+        level["success"] = float(np.mean([float(e[key]) for e in episodes]))
+    return level
 
 
 def group_runs(runs: list) -> dict:
@@ -322,7 +373,9 @@ def png_bytes(fig) -> bytes:
 
 
 def plot_task(task: str, by_variant: dict, args: Args) -> bytes:
-    """PNG bytes of one task's learning curves, one line + band per variant."""
+    """PNG bytes of one task's learning curves: per variant the mean over seeds, with a 95% bootstrap band
+    only where there are 2+ seeds (a band over one seed is not a band); the random-policy level where the runs
+    logged random-action episodes; the y-axis starts at 0 (and ends at 1 for success rates)."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
     for variant, runs in by_variant.items():
         first = min(r["steps"][0] for r in runs)
@@ -330,9 +383,15 @@ def plot_task(task: str, by_variant: dict, args: Args) -> bytes:
         grid = np.linspace(first, last, args.grid_points) if last > first else np.array([first])
         mean, lo, hi = curve(runs, grid, args.bootstrap)
         colour = variant_colour(variant)
-        ax.plot(grid, mean, color=colour, label=f"{LABELS.get(variant, variant)} ({len(runs)} seeds)",
-                marker="o" if len(grid) == 1 else None)
-        ax.fill_between(grid, lo, hi, color=colour, alpha=0.2, linewidth=0)
+        ax.plot(grid, mean, color=colour, marker="o" if len(grid) == 1 else None,
+                label=f"{LABELS.get(variant, variant)} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        if len(runs) > 1:
+            ax.fill_between(grid, lo, hi, color=colour, alpha=0.2, linewidth=0)
+    random_level = random_policy_level([r for runs in by_variant.values() for r in runs], args.success_key)
+    level = None if random_level is None else random_level.get("success" if is_metaworld(task) else "return")
+    if level is not None:
+        ax.axhline(level, color="tab:grey", linestyle="-.", linewidth=1,
+                   label=f"random actions ({random_level['episodes']} episodes)")
     if args.paper_reference and task in PAPER_150K:
         gsa, dreamer = PAPER_150K[task]
         ax.axhline(gsa, color="black", linestyle="--", linewidth=1, label="paper GSA @150k")
@@ -340,7 +399,10 @@ def plot_task(task: str, by_variant: dict, args: Args) -> bytes:
     ax.set_xlabel("env steps (frames)")
     ax.set_ylabel(f"success rate ({'end' if args.success_key == 'eval_success' else 'any step'})"
                   if is_metaworld(task) else "episode return")
-    ax.set_title(f"{task}: mean over seeds, 95% bootstrap band")
+    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=1.05 if is_metaworld(task) else None)
+    seeds = {len(runs) for runs in by_variant.values()}
+    ax.set_title(f"{task}: " + ("1 seed per variant, no band" if seeds == {1} else
+                                "mean over seeds, 95% bootstrap band (2+ seeds)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -387,6 +449,400 @@ def fmt(x: float) -> str:
 
 def fmt_ci(point: float, ci, digits: int = 1) -> str:
     return f"{point:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Summary: one page on one GSA run against one run from scratch (--summary; the main job's picture)
+# ----------------------------------------------------------------------------------------------------------
+
+SUMMARY_QUERY_FRAMES = 3  # task reset frames shown beside the retrieved ones
+SUMMARY_RETRIEVED_FRAMES = 24  # retrieved first frames shown, best first (3 rows of 8)
+SUMMARY_OPENLOOP_TIMES = (0, 4, 9, 14, 24, 34, 49)  # open-loop clip frames shown; 0-4 are observed (context 5)
+
+
+def summary_runs(runs: list, groups: dict) -> tuple:
+    """(task, {variant: run}): the task that has both a GSA and a from-scratch run, and one run per variant on
+    it. The summary compares single runs; several seeds belong in the curves and the aggregate tables."""
+    tasks = sorted(t for t in groups.get("gsa", {}) if t in groups.get("no-pretrain", {}))
+    if len(tasks) != 1:
+        fail(f"--summary needs a GSA run and a from-scratch (--no-pretrain) run of one task among --runs; "
+             f"tasks with both: {tasks or 'none'}")
+    task = tasks[0]
+    chosen = {}
+    for variant, by_task in groups.items():
+        if task in by_task:
+            if len(by_task[task]) != 1:
+                fail(f"--summary draws one run per variant; --runs hold {len(by_task[task])} runs of {variant} on "
+                     f"{task} ({', '.join(r['dir'] for r in by_task[task])})")
+            chosen[variant] = by_task[task][0]
+    return task, chosen
+
+
+def read_episodes(run: dict) -> list:
+    """The run's episodes.jsonl (finetune_gsa.py: one line per training episode), checked for the fields the
+    summary draws."""
+    path = Path(run["dir"]) / "episodes.jsonl"
+    if not path.is_file():
+        fail(f"{path} does not exist (the summary draws every training episode)")
+    episodes = []
+    for lineno, e in read_jsonl(path):
+        for key, kind in (("env_steps", (int, float)), ("return", (int, float)), ("warmup", bool),
+                          ("prior_steps", int), ("length", int), ("guidance_p", (int, float))):
+            if not isinstance(e.get(key), kind) or isinstance(e[key], bool) != (kind is bool):
+                fail(f"{path}:{lineno}: {key!r} missing or not a {'bool' if kind is bool else 'number'}")
+        episodes.append(e)
+    if not episodes:
+        fail(f"{path} holds no episode")
+    return episodes
+
+
+def task_embodiment(task: str) -> str:
+    """The embodiment whose pre-training outputs go with a task (Meta-World: sawyer; DMControl: the domain)."""
+    return "sawyer" if is_metaworld(task) else task.split("-")[0]
+
+
+def npz_first_frame(path: Path) -> np.ndarray:
+    """The first image of an episode .npz (collect_offline.py's and finetune_gsa.py's replay format)."""
+    with np.load(path, allow_pickle=False) as z:
+        return np.asarray(z["image"][0])
+
+
+def frame_grid(frames: list, colours: list, cols: int) -> np.ndarray:
+    """uint8 image of the frames in rows of `cols`, each framed by a 3-pixel border of its colour; None frames
+    (unreadable) are drawn grey."""
+    size = next((f.shape[0] for f in frames if f is not None), 64)
+    tile = size + 6
+    rows = max(1, math.ceil(len(frames) / cols))
+    grid = np.full((rows * tile, min(cols, max(1, len(frames))) * tile, 3), 255, np.uint8)
+    for i, (frame, colour) in enumerate(zip(frames, colours)):
+        r, c = divmod(i, cols)
+        cell = grid[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+        cell[:] = colour
+        cell[3:-3, 3:-3] = 160 if frame is None else frame
+    return grid
+
+
+def retrieval_frames(task: str, gsa: dict, retrieved: Optional[dict]) -> dict:
+    """Panel (a)'s pictures: the task's reset frames (the first frames of GSA's first training episodes, from its
+    replay; the query of Eq. 4 renders resets of the same env) and the first frames of the retrieved episodes
+    (from the offline data the run read). What cannot be read is reported, not hidden."""
+    notes, run_dir = [], Path(gsa["dir"])
+    queries = []
+    for i in range(SUMMARY_QUERY_FRAMES):
+        path = run_dir / "replay" / f"ep-{i:06d}.npz"
+        try:
+            queries.append(npz_first_frame(path))
+        except Exception as e:  # noqa: BLE001 - a missing or damaged replay file: said in the panel and printed
+            notes.append(f"no reset frame from {path} ({type(e).__name__})")
+            break
+    shown, same = [], []
+    if retrieved is not None:
+        data_dir = Path(gsa["args"].get("data_dir") or "")
+        unreadable = 0
+        for episode in retrieved["episodes"][:SUMMARY_RETRIEVED_FRAMES]:
+            try:
+                shown.append(npz_first_frame(data_dir / episode["path"]))
+            except Exception:  # noqa: BLE001 - counted below
+                shown.append(None)
+                unreadable += 1
+            same.append(episode.get("embodiment") == task_embodiment(task))
+        if unreadable:
+            notes.append(f"{unreadable} of {len(shown)} retrieved episodes unreadable under {data_dir}")
+    for note in notes:
+        print(f"{SCRIPT}: summary: {note}")
+    return {"queries": queries, "retrieved": shown, "same_embodiment": same, "notes": notes}
+
+
+def read_retrieval(gsa: dict) -> Optional[dict]:
+    """GSA's retrieval.json (D_r: k, make-up by embodiment and source task, the episodes nearest first)."""
+    path = Path(gsa["dir"]) / "retrieval.json"
+    if not path.is_file():
+        print(f"{SCRIPT}: summary: {path} does not exist; the retrieval panel stays empty")
+        return None
+    try:
+        retrieved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        fail(f"{path} is not valid JSON: {e}")
+    if not isinstance(retrieved, dict) or not isinstance(retrieved.get("episodes"), list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) for e in retrieved["episodes"]):
+        fail(f"{path} has no list of retrieved 'episodes' with a 'path' each")
+    return retrieved
+
+
+def read_openloop(task: str, gsa: dict) -> Optional[dict]:
+    """Panel (d): pretrain_wm.py's last open-loop evaluation of the task's embodiment, next to the checkpoint GSA
+    fine-tuned: the clip (videos/openloop-<embodiment>-<step>.gif: per frame, rows of held-out clips, each
+    [truth | model]), the held-out MSE against repeating the last observed frame, and the pre-training steps and
+    time. None (and a printed note) when those files are not there."""
+    import imageio.v2 as imageio
+
+    embodiment = task_embodiment(task)
+    pretrain_dir = Path(gsa["args"].get("checkpoint") or "").parent
+    videos = sorted((pretrain_dir / "videos").glob(f"openloop-{embodiment}-*.gif"))
+    metrics = pretrain_dir / "metrics.jsonl"
+    if not videos or not metrics.is_file():
+        print(f"{SCRIPT}: summary: no open-loop video of {embodiment} or metrics.jsonl under {pretrain_dir}; "
+              f"panel (d) stays empty")
+        return None
+    records = [r for _, r in read_jsonl(metrics)]
+    evals = [r for r in records if f"openloop_mse/{embodiment}" in r]
+    if not evals:
+        print(f"{SCRIPT}: summary: {metrics} has no open-loop evaluation of {embodiment}")
+        return None
+    frames = np.stack(imageio.mimread(videos[-1]))  # [T, clips * H, 2W, 3]
+    size = frames.shape[2] // 2
+    clip = frames[:, :size]  # the first held-out clip
+    times = [t for t in SUMMARY_OPENLOOP_TIMES if t < len(clip)]
+    timed = [r for r in records if isinstance(r.get("wall_time"), (int, float))]
+    return {"embodiment": embodiment, "step": evals[-1].get("step"), "video": videos[-1].name,
+            "model_mse": evals[-1][f"openloop_mse/{embodiment}"],
+            "copy_mse": evals[-1].get(f"openloop_copy_mse/{embodiment}"),
+            "minutes": timed[-1]["wall_time"] / 60 if timed else None,
+            "times": times, "truth": clip[times, :, :size, :3], "model": clip[times, :, size:, :3]}
+
+
+def summary_numbers(task: str, chosen: dict, episodes: dict, retrieved: Optional[dict], openloop: Optional[dict],
+                    args: Args) -> dict:
+    """Every number the summary's caption states, from the runs' files (scores.json keeps them)."""
+    metaworld = is_metaworld(task)
+    gsa_args = chosen["gsa"]["args"]
+    numbers = {"task": task, "metaworld": metaworld, "success_key": args.success_key,
+               "eval_episodes": gsa_args.get("eval_episodes") or gsa_args.get("resolved", {}).get("eval_episodes"),
+               "size": gsa_args.get("resolved_size") or gsa_args.get("size"), "variants": {}}
+    for variant, run in chosen.items():
+        entry = {"seed": run["seed"], "dir": run["dir"], "evaluations": len(run["steps"]),
+                 "final_env_steps": int(run["steps"][-1]), "final_return": float(run["eval_return"][-1])}
+        if metaworld:
+            entry["final_success"] = float(run["value"][-1])
+        if variant in episodes:
+            entry["train_episodes"] = len(episodes[variant])
+            entry["train_return_mean"] = float(np.mean([e["return"] for e in episodes[variant]]))
+        numbers["variants"][variant] = entry
+    numbers["random"] = random_policy_level(list(chosen.values()), args.success_key)
+    warm = [e for e in episodes["gsa"] if e["warmup"] and e["prior_steps"] == e["length"]]  # pi_bc drove it all
+    numbers["prior_warmup"] = None if not warm else {
+        "episodes": len(warm), "return": float(np.mean([e["return"] for e in warm])),
+        **({"success_any": float(np.mean([bool(e.get("success_any")) for e in warm])),
+            "success": float(np.mean([bool(e.get("success")) for e in warm]))} if metaworld else {})}
+    numbers["guided_episodes"] = sum(1 for e in episodes["gsa"] if not e["warmup"] and e["prior_steps"] > 0)
+    numbers["rl_episodes"] = sum(1 for e in episodes["gsa"] if not e["warmup"])
+    numbers["guidance_schedule"] = gsa_args.get("guidance_schedule", "paper")
+    numbers["retrieved"] = None if retrieved is None else {
+        "k": retrieved.get("k"), "episodes": len(retrieved["episodes"]),
+        "by_embodiment": retrieved.get("by_embodiment", {}), "by_source_task": retrieved.get("by_source_task", {}),
+        "mixed_embodiments": retrieved.get("mixed_embodiments")}
+    numbers["paper_150k"] = (dict(zip(("gsa", "no-pretrain"), PAPER_150K[task]))
+                             if args.paper_reference and task in PAPER_150K else None)
+    numbers["openloop"] = None if openloop is None else {
+        k: openloop[k] for k in ("embodiment", "step", "model_mse", "copy_mse", "minutes", "video")}
+    return numbers
+
+
+def plural(n, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def counts_text(counts: dict) -> str:
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def summary_caption(n: dict) -> str:
+    """The summary's caption, every number from `n` (summary_numbers); says what one seed can and cannot show."""
+    v, mw = n["variants"], n["metaworld"]
+    gsa, scratch = v["gsa"], v["no-pretrain"]
+    end = "at the episode's end" if n["success_key"] == "eval_success" else "at any step"
+
+    def result(entry):
+        return f"return {entry['final_return']:.0f}" + (f", success {entry['final_success']:.2f}" if mw else "")
+
+    frames = gsa["final_env_steps"] if gsa["final_env_steps"] == scratch["final_env_steps"] else \
+        f"{gsa['final_env_steps']} (GSA) and {scratch['final_env_steps']} (scratch)"
+    seeds = f"seed {gsa['seed']}" if gsa["seed"] == scratch["seed"] else f"seeds {gsa['seed']} and {scratch['seed']}"
+    parts = [f"{n['task']}, 1 seed per variant ({seeds}), {frames} env frames, size {n['size']}."]
+    parts.append(f"Final evaluation of the RL policy alone ({plural(n['eval_episodes'], 'episode')}"
+                 + (f", success {end}" if mw else "") + f"): GSA {result(gsa)}; DreamerV3 from scratch "
+                 f"{result(scratch)}"
+                 + "".join(f"; {LABELS.get(k, k)} {result(e)}" for k, e in v.items() if k not in ("gsa", "no-pretrain"))
+                 + ".")
+    r = n["random"]
+    parts.append("Random actions: unknown (no random-action warm-up episode in the runs' episodes.jsonl)." if r is None
+                 else f"Random actions ({plural(r['episodes'], 'warm-up episode')} of the runs without guidance): "
+                      f"return {r['return']:.0f}" + (f", success {r['success']:.2f}" if "success" in r else "") + ".")
+    d = n["retrieved"]
+    if d is not None:
+        parts.append(f"Retrieved D_r (k={d['k']}): {d['episodes']} episodes, {counts_text(d['by_embodiment'])}"
+                     + (f"; by source task {counts_text(d['by_source_task'])}" if mw else "")
+                     + (" (mixed embodiments)" if d["mixed_embodiments"] else "") + ".")
+    w = n["prior_warmup"]
+    if w is not None:
+        reached = f" and reached the goal (success at any step) in {100 * w['success_any']:.0f}% of them" if mw else ""
+        parts.append(f"GSA's prior, cloned from D_r, drove its {plural(w['episodes'], 'warm-up episode')} to a "
+                     f"return of {w['return']:.0f} on average{reached}.")
+    parts.append(f"After the warm-up, {n['guided_episodes']} of GSA's {n['rl_episodes']} training episodes had a "
+                 f"prior window (guidance schedule '{n['guidance_schedule']}').")
+    parts.append(f"Mean return of all training episodes: GSA {gsa['train_return_mean']:.0f} ({gsa['train_episodes']} "
+                 f"episodes), scratch {scratch['train_return_mean']:.0f} ({scratch['train_episodes']}).")
+    p = n["paper_150k"]
+    if p is not None:
+        digits = 2 if mw else 0
+        parts.append(f"Paper at 150k frames: GSA {'success' if mw else 'return'} {p['gsa']:.{digits}f}, DreamerV3 "
+                     f"{p['no-pretrain']:.{digits}f}.")
+    parts.append("One seed per variant: not a significance test; single evaluations swing widely.")
+    return " ".join(parts)
+
+
+def plot_summary(task: str, chosen: dict, episodes: dict, pictures: dict, openloop: Optional[dict], numbers: dict,
+                 caption: str, args: Args) -> bytes:
+    """PNG bytes of the summary page: (a) what was retrieved, (b) every training episode's return, (c) the
+    evaluations, (d) the pre-trained model's open-loop prediction, and the caption."""
+    import textwrap
+
+    plt = pyplot()
+    mw = is_metaworld(task)
+    fig = plt.figure(figsize=(15, 12))
+    outer = fig.add_gridspec(3, 2, height_ratios=[0.85, 1.5, 0.36], width_ratios=[1.25, 1.0], hspace=0.28,
+                             wspace=0.2, left=0.05, right=0.97, top=0.9, bottom=0.02)
+    fig.suptitle(f"GSA on {task}: what it retrieved, how the prior guided it, and how it compares with learning "
+                 f"from scratch (1 seed)", fontsize=13, y=0.985)
+
+    # (a) the task's reset frames and the first frames of the retrieved episodes
+    top_left = outer[0, 0].subgridspec(1, 2, width_ratios=[1, 8], wspace=0.04)
+    ax_q, ax_r = fig.add_subplot(top_left[0]), fig.add_subplot(top_left[1])
+    for ax in (ax_q, ax_r):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+    if pictures["queries"]:
+        ax_q.imshow(frame_grid(pictures["queries"], [(40, 80, 230)] * len(pictures["queries"]), cols=1))
+    ax_q.set_title("task resets", fontsize=9)
+    d = numbers["retrieved"]
+    if pictures["retrieved"]:
+        colours = [(40, 170, 40) if same else (220, 40, 40) for same in pictures["same_embodiment"]]
+        ax_r.imshow(frame_grid(pictures["retrieved"], colours, cols=8))
+    ax_r.set_title("(a) retrieved episodes' first frames, nearest first (green: the task's embodiment, red: other)"
+                   if d else "(a) no retrieval (retrieval.json missing)", fontsize=9, loc="left")
+    note = ("D_r: k=" + f"{d['k']}, {d['episodes']} episodes: {counts_text(d['by_embodiment'])}"
+            + (f"\nsource tasks: {counts_text(d['by_source_task'])}" if mw else "")) if d else ""
+    note += "".join(f"\n{x}" for x in pictures["notes"])
+    ax_r.set_xlabel(note.strip(), fontsize=9, loc="left")
+
+    # (d) open-loop prediction of the pre-trained world model
+    ax_o = fig.add_subplot(outer[0, 1])
+    ax_o.set_xticks([])
+    ax_o.set_yticks([])
+    if openloop is not None:
+        strip = np.concatenate([frame_grid(list(openloop["truth"]), [(255, 255, 255)] * len(openloop["times"]),
+                                           cols=len(openloop["times"])),
+                                frame_grid(list(openloop["model"]), [(255, 255, 255)] * len(openloop["times"]),
+                                           cols=len(openloop["times"]))])
+        ax_o.imshow(strip)
+        tile = strip.shape[0] // 2
+        ax_o.set_xticks([(i + 0.5) * tile for i in range(len(openloop["times"]))])
+        ax_o.set_xticklabels([f"t={t}" + (" (seen)" if t < 5 else "") for t in openloop["times"]], fontsize=8)
+        ax_o.set_yticks([tile / 2, 1.5 * tile])
+        ax_o.set_yticklabels(["truth", "model"], fontsize=9)
+        minutes = "" if openloop["minutes"] is None else f", {openloop['minutes']:.0f} min"
+        copy = "" if openloop["copy_mse"] is None else f" vs {openloop['copy_mse']:.4f} repeating frame 4"
+        ax_o.set_title(f"(d) the pre-trained world model ({openloop['step']} steps{minutes}) on a held-out "
+                       f"{openloop['embodiment']} clip:\nframes 0-4 observed, the rest imagined from the actions\n"
+                       f"open-loop MSE {openloop['model_mse']:.4f}{copy}", fontsize=9, loc="left")
+    else:
+        ax_o.set_title("(d) no open-loop video of the pre-trained world model found", fontsize=9, loc="left")
+
+    # (b) every training episode's return over env frames
+    ax_b = fig.add_subplot(outer[1, 0])
+    rand = numbers["random"]
+    for variant, eps in episodes.items():
+        colour = variant_colour(variant)
+        x = np.array([e["env_steps"] for e in eps], float)
+        y = np.array([e["return"] for e in eps], float)
+        kinds = {"warm-up, prior drives it all": [e["warmup"] and e["prior_steps"] > 0 for e in eps],
+                 "warm-up, random actions": [e["warmup"] and e["prior_steps"] == 0 for e in eps],
+                 "prior window (guidance)": [not e["warmup"] and e["prior_steps"] > 0 for e in eps],
+                 "RL policy only": [not e["warmup"] and e["prior_steps"] == 0 for e in eps]}
+        style = {"warm-up, prior drives it all": dict(marker="^", s=34),
+                 "warm-up, random actions": dict(marker="x", s=28),
+                 "prior window (guidance)": dict(marker="o", s=34, facecolors="none"),
+                 "RL policy only": dict(marker="o", s=14)}
+        for kind, mask in kinds.items():
+            mask = np.array(mask, bool)
+            if mask.any():
+                st = dict(style[kind])
+                colours = {"color": colour} if st["marker"] == "x" else {  # 'x' has no face: one colour
+                    "edgecolors": colour, "facecolors": st.pop("facecolors", colour)}
+                ax_b.scatter(x[mask], y[mask], linewidths=1.1, alpha=0.85,
+                             label=f"{LABELS.get(variant, variant)}: {kind} ({int(mask.sum())})", **colours, **st)
+        window = min(5, len(y))
+        smooth = np.convolve(y, np.ones(window) / window, mode="valid")
+        ax_b.plot(x[window - 1:], smooth, color=colour, linewidth=1.6, alpha=0.9)
+    if rand is not None:
+        ax_b.axhline(rand["return"], color="tab:grey", linestyle="-.", linewidth=1,
+                     label=f"random actions: mean return ({rand['episodes']} episodes)")
+    low, high = ax_b.get_ylim()
+    ax_b.set_ylim(min(0.0, low), high + 0.3 * (high - min(0.0, low)))  # headroom for the legend
+    ax_b.set_xlim(left=0)
+    ax_b.set_xlabel("env frames")
+    ax_b.set_ylabel("training episode return")
+    ax_b.set_title("(b) every training episode (lines: mean of the last 5); guidance p on the right axis",
+                   fontsize=10, loc="left")
+    ax_p = ax_b.twinx()
+    gsa_eps = episodes["gsa"]
+    ax_p.step([e["env_steps"] for e in gsa_eps], [e["guidance_p"] for e in gsa_eps], where="pre",
+              color=variant_colour("gsa"), linestyle=":", linewidth=1, alpha=0.7)
+    ax_p.set_ylim(0, 3.0)  # p in [0, 1] on the lowest third, out of the returns' way
+    ax_p.set_yticks([0, 0.5, 1])
+    ax_p.set_ylabel("GSA guidance p", fontsize=8, loc="bottom")
+    ax_b.grid(alpha=0.3)
+    ax_b.legend(fontsize=7, loc="upper right", ncol=2)
+
+    # (c) evaluations of the RL policy alone: return, and on Meta-World success
+    right = outer[1, 1].subgridspec(2 if mw else 1, 1, hspace=0.3)
+    axes = [fig.add_subplot(right[i]) for i in range(2 if mw else 1)]
+    success_label = f"success ({'end' if args.success_key == 'eval_success' else 'any step'})"
+    measures = [("eval_return", "eval return", "return")] + ([("value", success_label, "success")] if mw else [])
+    for ax, (key, ylabel, level_key) in zip(axes, measures):
+        for variant, run in chosen.items():
+            ax.plot(run["steps"], run[key], marker="o", color=variant_colour(variant), linewidth=1.6,
+                    label=f"{LABELS.get(variant, variant)} (1 seed)")
+        if rand is not None and level_key in rand:
+            ax.axhline(rand[level_key], color="tab:grey", linestyle="-.", linewidth=1, label="random actions")
+        paper = numbers["paper_150k"]
+        if paper is not None and level_key == ("success" if mw else "return"):
+            ax.axhline(paper["gsa"], color="black", linestyle="--", linewidth=1, label="paper GSA @150k frames")
+            ax.axhline(paper["no-pretrain"], color="grey", linestyle=":", linewidth=1,
+                       label="paper DreamerV3 @150k frames")
+        if level_key == "success":
+            ax.set_ylim(0, 1.05)
+        else:
+            ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+        ax.set_xlim(left=0)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_title(f"(c) evaluations of the RL policy, no prior ({plural(numbers['eval_episodes'], 'episode')} "
+                      f"each)",
+                      fontsize=10, loc="left")
+    axes[-1].set_xlabel("env frames")
+
+    ax_t = fig.add_subplot(outer[2, :])
+    ax_t.axis("off")
+    ax_t.text(0, 1, "\n".join(textwrap.wrap(caption, 190)), va="top", ha="left", fontsize=9.5, family="serif",
+              transform=ax_t.transAxes)
+    return png_bytes(fig)
+
+
+def make_summary(runs: list, groups: dict, args: Args) -> tuple:
+    """(task, PNG bytes, numbers, caption) of the summary page; everything is read before anything is written."""
+    task, chosen = summary_runs(runs, groups)
+    episodes = {v: read_episodes(chosen[v]) for v in ("gsa", "no-pretrain")}
+    retrieved = read_retrieval(chosen["gsa"])
+    pictures = retrieval_frames(task, chosen["gsa"], retrieved)
+    openloop = read_openloop(task, chosen["gsa"])
+    numbers = summary_numbers(task, chosen, episodes, retrieved, openloop, args)
+    caption = summary_caption(numbers)
+    png = plot_summary(task, chosen, episodes, pictures, openloop, numbers, caption, args)
+    return task, png, numbers, caption
 
 
 def main(args: Args) -> None:
@@ -438,6 +894,10 @@ def main(args: Args) -> None:
     figures["performance-profile.png"] = plot_performance_profiles(taus, profiles)
     if poi:
         figures["probability-of-improvement.png"] = plot_probability_of_improvement(poi)
+    summary = None
+    if args.summary:
+        summary_task, figures["summary.png"], summary_numbers_, caption = make_summary(runs, groups, args)
+        summary = {"task": summary_task, "caption": caption, "numbers": summary_numbers_}
 
     lines += ["", f"## Aggregate normalised score, 95% stratified bootstrap CI (rliable; {args.bootstrap} resamples, "
               f"seed {args.seed})", "",
@@ -468,6 +928,8 @@ def main(args: Args) -> None:
         lines.append("None: it needs GSA runs and runs of another variant on a task in common.")
     lines += ["", "Figures: `curves-<task>.png` (learning curves), `performance-profile.png` (fraction of runs above "
               "each normalised score)" + (", `probability-of-improvement.png`" if poi else "") + "."]
+    if summary is not None:
+        lines += ["", f"## Summary (`summary.png`, {summary['task']})", "", summary["caption"]]
     if args.paper_reference:
         lines += ["", "Paper, mean over all tasks at 150k samples (GSA / DreamerV3): DMControl (22 tasks) "
                   f"{PAPER_MEAN_SCORE['dmc'][0]} / {PAPER_MEAN_SCORE['dmc'][1]}, Meta-World (50 tasks) "
@@ -487,7 +949,8 @@ def main(args: Args) -> None:
               "performance_profile": {"tau": taus.tolist(), **{v: {"value": p.tolist(), "ci": ci.tolist()}
                                                                for v, (p, ci) in profiles.items()}},
               "runs": [{"dir": r["dir"], "variant": r["variant"], "task": r["task"], "seed": r["seed"],
-                        "score": r["score"], "final_env_steps": float(r["steps"][-1])} for r in runs]}
+                        "score": r["score"], "final_env_steps": float(r["steps"][-1])} for r in runs],
+              **({"summary": summary} if summary is not None else {})}
     write_bytes_atomic(out / "scores.json", (json.dumps(scores, indent=1) + "\n").encode())
     print(report)
     print(f"wrote {out / 'report.md'}, {out / 'scores.json'} and {len(figures)} figures ({', '.join(figures)})")
