@@ -23,6 +23,15 @@ ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT.parent / "shared" / "reference" / "dreamerv3_dmc_vision.csv"
 
 
+def critic(a: dict) -> str:
+    """The critic's bootstrap and learning rate as run: flags, else the resolved preset, else the release's (runs
+    older than the --critic-bootstrap flag)."""
+    resolved = a.get("resolved", {})
+    boot = a.get("critic_bootstrap") or resolved.get("critic_bootstrap") or "slow"
+    lr = a.get("critic_lr") or resolved.get("critic_lr") or 8e-5
+    return f"critic {boot} {lr:g}"
+
+
 @dataclass
 class Args:
     runs: list[str] = field(default_factory=list)
@@ -66,7 +75,7 @@ def main(args: Args) -> None:
         a = json.loads((run / "args.json").read_text())
         guided = not (a["no_pretrain"] or a["no_guidance"])
         label = (f"{a['task']} {'GSA' if guided else 'from scratch'}, train ratio {a['resolved']['train_ratio']:g}, "
-                 f"entropy {a['entropy_scale']:g}, seed {a['seed']}")
+                 f"entropy {a['entropy_scale']:g}, {critic(a)}, seed {a['seed']}")
         evals, train, eps = jsonl(run / "metrics.jsonl"), jsonl(run / "train.jsonl"), jsonl(run / "episodes.jsonl")
         warm = [e["return"] for e in eps if e["warmup"]]
         x = [e["env_steps"] for e in evals]
