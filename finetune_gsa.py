@@ -1273,19 +1273,11 @@ def prepare(args: Args) -> Setup:
                                      "start the run again in a new --out-dir (or restore ckpt.pt from a backup)")
             if resume.get("format_version") != FORMAT_VERSION or resume.get("script") != SCRIPT:
                 fail(f"{ckpt_path} is not a {SCRIPT} checkpoint of format version {FORMAT_VERSION}")
-            saved = dict(resume["args"])
-            ignore = {"resume", "env_steps", "threads", "device", "precision", "out_dir", "eval_every",
-                      "eval_episodes", "checkpoint_every", "video", "track", "wandb_project_name", "wandb_entity"}
-            # A preset flag left unset on resume keeps the run's own value (runs older than a flag's preset default
-            # saved the fixed default, e.g. critic_lr 8e-5).
-            inherited = {k: saved[k] for k in PRESET_FLAGS if getattr(args, k) is None and saved.get(k) is not None}
-            diff = [k for k in asdict(args)
-                    if k not in ignore and k not in inherited and saved.get(k) != getattr(args, k)]
+            diff, inherited = resume_differences(dict(resume["args"]), args)
             for k, value in inherited.items():  # so the run's next checkpoint records them again
                 setattr(args, k, value)
             if diff:
-                fail(f"--resume with settings that differ from the run in {out_dir}: "
-                     + ", ".join(f"{k} ({saved.get(k)!r} there, {getattr(args, k)!r} now)" for k in diff))
+                fail(f"--resume with settings that differ from the run in {out_dir}: {', '.join(diff)}")
         else:
             print(f"[finetune] --resume: no checkpoint in {out_dir}; starting a fresh run there")
     elif out_dir.exists() and any(out_dir.iterdir()):
@@ -1330,6 +1322,21 @@ def prepare(args: Args) -> Setup:
         fail(f"batch {B} with --offline-ratio {args.offline_ratio} leaves no online rows")
     return Setup(out_dir, resume, device, wm_ckpt, wm_sha, size, cfg, index, meta, manifest, preset, B - b_off,
                  b_off, use_guidance, use_rehearsal, wandb, init, experience)
+
+
+# Settings a --resume may change; every other setting must equal the run's own (sweep.py uses the same rule).
+RESUME_MAY_DIFFER = {"resume", "env_steps", "threads", "device", "precision", "out_dir", "eval_every",
+                     "eval_episodes", "checkpoint_every", "video", "track", "wandb_project_name", "wandb_entity"}
+
+
+def resume_differences(saved: dict, args: Args) -> tuple[list, dict]:
+    """A resume's settings against the run's saved ones -> (["key (there, now)" for each that differs and may
+    not], the preset flags left unset now that keep the run's own value). Runs older than a flag's preset default
+    saved its fixed default (e.g. critic_lr 8e-5), so an unset preset flag is not a difference."""
+    inherited = {k: saved[k] for k in PRESET_FLAGS if getattr(args, k) is None and saved.get(k) is not None}
+    diff = [f"{k} ({saved.get(k)!r} there, {getattr(args, k)!r} now)" for k in asdict(args)
+            if k not in RESUME_MAY_DIFFER and k not in inherited and saved.get(k) != getattr(args, k)]
+    return diff, inherited
 
 
 def load_init_run(args: Args, size: str, cfg: "ModelConfig", wm_sha: str) -> tuple[dict, list]:

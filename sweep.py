@@ -116,10 +116,6 @@ VARIANTS = {
 # finetune_gsa.py flags that the sweep sets, so --finetune-args may not.
 OWN_FLAGS = ("--task", "--seed", "--out-dir", "--resume", "--checkpoint", "--index-dir", "--data-dir", "--size",
              "--env-steps", "--threads", "--no-pretrain", "--no-rehearsal", "--no-guidance", "--guidance")
-# Settings that finetune_gsa.py --resume lets differ from the run's (the `ignore` set of its prepare(); a test
-# keeps the two equal). A run dir made with other differences is refused before the sweep starts.
-RESUME_MAY_DIFFER = {"resume", "env_steps", "threads", "device", "precision", "out_dir", "eval_every",
-                     "eval_episodes", "checkpoint_every", "video", "track", "wandb_project_name", "wandb_entity"}
 
 
 def fail(message: str) -> None:
@@ -257,7 +253,7 @@ def plan(args: Args, common: list) -> list:
                 runs.append(Run(name, run_dir, logs_dir / f"{name}.log", [sys.executable, script, *argv], state))
     if mismatched:
         fail("run directories made with other settings than this sweep's: " + "; ".join(mismatched)
-             + f". Use another --out-dir, or the settings those runs were made with")
+             + ". Use another --out-dir, or the settings those runs were made with")
     check_inputs(args)
     return runs
 
@@ -271,9 +267,9 @@ def differences(run_dir: Path, parsed) -> list:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         fail(f"{path} is damaged ({e}); move the run directory away to start it again")
-    now = asdict(parsed)
-    diff = [f"{k} ({saved.get(k)!r} there, {now[k]!r} now)" for k in now
-            if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    import finetune_gsa
+
+    diff, _ = finetune_gsa.resume_differences(saved, parsed)  # the rule finetune_gsa.py --resume applies
     return [f"{run_dir}: {', '.join(diff)}"] if diff else []
 
 

@@ -5,6 +5,7 @@ Also setup.sh's --gpu and --dry-run, the other half of launching runs on a GPU m
 Every run is tiny (cartpole-balance, 20-step episodes, 80-120 env frames), so each takes seconds.
 """
 import ast
+import dataclasses
 import inspect
 import json
 import os
@@ -161,12 +162,17 @@ def test_run_dir_made_with_other_settings_is_refused(finished_sweep):
     assert (out / "sweep.json").read_bytes() == before
 
 
-def test_resume_may_differ_is_finetunes_list():
-    """sweep.py's copy of the settings finetune_gsa.py --resume lets differ (the `ignore` set of its prepare)."""
-    tree = ast.parse(inspect.getsource(finetune_gsa.prepare))
-    sets = [node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
-            and any(isinstance(t, ast.Name) and t.id == "ignore" for t in node.targets)]
-    assert len(sets) == 1 and ast.literal_eval(sets[0]) == sweep.RESUME_MAY_DIFFER
+def test_sweep_applies_finetunes_resume_rule(tmp_path):
+    """sweep.py refuses a run dir exactly when finetune_gsa.py --resume would: one rule, resume_differences."""
+    now = finetune_gsa.Args(task="cartpole-balance", no_pretrain=True, out_dir=str(tmp_path))
+    old = {**dataclasses.asdict(now), "critic_lr": 8e-5, "env_steps": 1}  # an older run: a fixed default, fewer frames
+    (tmp_path / "args.json").write_text(json.dumps(old))
+    assert sweep.differences(tmp_path, now) == [] == finetune_gsa.resume_differences(old, now)[0]
+    other = {**old, "entropy_scale": 3e-4}
+    (tmp_path / "args.json").write_text(json.dumps(other))
+    diff = finetune_gsa.resume_differences(other, now)[0]
+    assert diff == ["entropy_scale (0.0003 there, 0.0001 now)"] and sweep.differences(tmp_path, now) == [
+        f"{tmp_path}: {diff[0]}"]
 
 
 def test_a_failed_run_is_named_and_the_others_are_reported(tmp_path, artifacts):
