@@ -442,6 +442,7 @@ def test_every_flag_is_used():
     used = {node.attr for top in tree.body if not (isinstance(top, ast.ClassDef) and top.name == "Args")
             for node in ast.walk(top)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"}
-    used |= set(ft.PRESET_FLAGS)  # read as getattr(args, name) where the size preset is resolved
+    used |= set(ft.PRESET_FLAGS)  # read as getattr(args, name) where the size preset is resolved ...
+    assert all(set(ft.PRESET_FLAGS) <= set(preset) for preset in ft.AGENT_SIZES.values())  # ... into these
     unused = [f.name for f in fields(ft.Args) if f.name not in used]
     assert not unused, f"flags that do nothing: {unused}"

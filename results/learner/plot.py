@@ -8,7 +8,6 @@ Also copies each run's small files (args.json, metrics.jsonl, train.jsonl, episo
 import csv
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
