@@ -21,13 +21,28 @@ task; tasks may have different seed counts):
 On the 18 runs of results/cpu_scale they give the numbers of the hand-written bootstrap they replaced
 (README, "Report and sweeps").
 
-Reads:  <run>/args.json and <run>/metrics.jsonl for every run given (or every run one level below a dir).
+Evidence per task (every task, whatever the seed counts):
+  * every seed's final and best evaluation (return; on Meta-World success too) and the env frames of its final
+    evaluation, then each variant's mean;
+  * GSA minus each other variant: the difference of the mean final scores (the scores above), with a 95%
+    percentile bootstrap CI that resamples each variant's seeds independently (10,000 resamples, seeded by
+    --seed); under 2 seeds on either side, the difference alone, and "CI needs 2+ seeds per variant";
+  * diagnostics of the learner over env frames: (a) the actor's entropy, (b) the imagined reward per step
+    against the real reward per agent step of the training episodes, (c) the critic's value of each evaluation's
+    first frame against the discounted return those episodes earned (mean over seeds thick, each seed thin);
+  * a film strip of one GSA evaluation episode (the lowest seed's latest evaluation video).
+
+Reads:  <run>/args.json and <run>/metrics.jsonl for every run given (or every run one level below a dir); where
+        present, <run>/train.jsonl, <run>/episodes.jsonl and <run>/videos/eval-<env frames>.mp4 (older runs lack
+        them: their panels or film strip are left out, and report.md says which).
 Writes: <out-dir>/curves-<task>.png (mean over seeds, a bootstrap band where there are 2+ seeds, one line per
         variant; the random-action level when the runs' episodes.jsonl hold random warm-up episodes),
-        <out-dir>/performance-profile.png, <out-dir>/probability-of-improvement.png (rliable's plots; the
-        latter only with GSA runs and runs of another variant on a task in common),
-        <out-dir>/report.md (per-task, aggregate and probability-of-improvement tables), <out-dir>/scores.json
-        (every number); with --summary, <out-dir>/summary.png (below).
+        <out-dir>/diagnostics-<task>.png (the three panels above), <out-dir>/filmstrip-<task>.png (tasks with a
+        GSA run that saved a video), <out-dir>/performance-profile.png, <out-dir>/probability-of-improvement.png
+        (rliable's plots; the latter only with GSA runs and runs of another variant on a task in common),
+        <out-dir>/report.md (per-task, aggregate, probability-of-improvement, per-seed and GSA-minus-variant
+        tables, and what the figures left out), <out-dir>/scores.json (every number; per_task: the per-seed
+        tables and the differences); with --summary, <out-dir>/summary.png (below).
 
 Summary (--summary, the main job's picture): one page on one GSA run against one from-scratch run of the same
 task (other variants' single runs on it join the evaluation panel): (a) the task's reset frames beside the
@@ -151,8 +166,14 @@ def find_runs(paths) -> list:
     return runs
 
 
+# finetune_gsa.py's evaluations: the critic's value of the first frame, and the discounted return earned after it
+CRITIC_CHECK_KEYS = ("eval_value_first", "eval_return_discounted")
+
+
 def read_run(run: Path, args: Args) -> dict:
-    """{"dir", "task", "seed", "variant", "steps" [N], "value" [N] (return or success rate), "score"}."""
+    """{"dir", "task", "seed", "variant", "steps" [N], "value" [N] (return or success rate), "eval_return" [N],
+    "value_first" [N] and "return_discounted" [N] (the critic check of finetune_gsa.py's evaluations; NaN where a
+    record lacks them, as older runs' do), "score"}."""
     try:
         run_args = json.loads((run / "args.json").read_text())
     except FileNotFoundError:
@@ -166,7 +187,7 @@ def read_run(run: Path, args: Args) -> dict:
     path = run / "metrics.jsonl"
     if not path.is_file():
         fail(f"{path} does not exist")
-    steps, values, returns = [], [], []
+    steps, values, returns, critic = [], [], [], []
     for lineno, record in read_jsonl(path):
         if "eval_return" not in record:
             continue  # not an evaluation record
@@ -181,18 +202,24 @@ def read_run(run: Path, args: Args) -> dict:
         if not all(isinstance(x, (int, float)) and math.isfinite(x)
                    for x in (value, record["env_steps"], record["eval_return"])):
             fail(f"{path}:{lineno}: env_steps, eval_return and the evaluation value must be finite numbers")
+        check = [record.get(k, math.nan) for k in CRITIC_CHECK_KEYS]
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in check):
+            fail(f"{path}:{lineno}: {' and '.join(CRITIC_CHECK_KEYS)} must be numbers where present")
         if args.max_env_steps is None or record["env_steps"] <= args.max_env_steps:
             steps.append(float(record["env_steps"]))
             values.append(float(value))
             returns.append(float(record["eval_return"]))
+            critic.append([float(x) for x in check])
     if not steps:
         fail(f"{path} has no evaluations" + (f" at or before {args.max_env_steps} env steps"
                                                if args.max_env_steps is not None else ""))
     order = np.argsort(steps, kind="stable")
     steps, values, returns = np.array(steps)[order], np.array(values)[order], np.array(returns)[order]
+    critic = np.array(critic, dtype=float).reshape(-1, len(CRITIC_CHECK_KEYS))[order]
     scale = 100.0 if is_metaworld(task) else 0.1  # normalised score: MW success x 100, DMC return / 10
     return {"dir": str(run), "task": task, "seed": run_args["seed"], "variant": variant_name(run_args),
             "args": run_args, "steps": steps, "value": values, "eval_return": returns,
+            "value_first": critic[:, 0], "return_discounted": critic[:, 1],
             "score": float(values[-args.last_n:].mean() * scale)}
 
 
@@ -449,6 +476,301 @@ def fmt(x: float) -> str:
 
 def fmt_ci(point: float, ci, digits: int = 1) -> str:
     return f"{point:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evidence per task: every seed's numbers, GSA minus each other variant, what the learner measured while it
+# trained (diagnostics), and one GSA evaluation episode (film strip)
+# ----------------------------------------------------------------------------------------------------------
+
+DIFFERENCE_RESAMPLES = 10_000  # bootstrap resamples of each GSA-minus-variant difference (vectorised: milliseconds)
+FILMSTRIP_FRAMES = 10  # frames of the GSA evaluation episode shown, evenly spaced from the reset to the end
+
+
+def say(notes: list, text: str) -> None:
+    """A skipped figure or panel: printed now and listed in report.md."""
+    print(f"{SCRIPT}: {text}")
+    notes.append(text)
+
+
+def per_seed_table(by_variant: dict, metaworld: bool) -> dict:
+    """{"runs": one row per run (variant, seed, final and best eval return, on Meta-World final and best success,
+    env frames of the final evaluation), "mean": {variant: the rows' means and the seed count}}. Final: the last
+    evaluation kept (--max-env-steps cuts later ones); best: the highest evaluation (optimistic: the best of noisy
+    evaluations)."""
+    rows, means = [], {}
+    for variant, runs in by_variant.items():
+        mine = []
+        for r in sorted(runs, key=lambda r: r["seed"]):
+            row = {"variant": variant, "seed": r["seed"], "dir": r["dir"], "final_return": float(r["eval_return"][-1]),
+                   "best_return": float(r["eval_return"].max()), "final_env_steps": int(r["steps"][-1])}
+            if metaworld:
+                row.update(final_success=float(r["value"][-1]), best_success=float(r["value"].max()))
+            mine.append(row)
+        rows += mine
+        means[variant] = {"seeds": len(mine),
+                          **{k: float(np.mean([row[k] for row in mine])) for k in mine[0]
+                             if k.startswith(("final_", "best_")) and k != "final_env_steps"},
+                          "final_env_steps": [min(row["final_env_steps"] for row in mine),
+                                              max(row["final_env_steps"] for row in mine)]}
+    return {"runs": rows, "mean": means}
+
+
+def per_seed_lines(task: str, table: dict, success_key: str) -> list:
+    """report.md's per-seed table of one task: its runs, then the mean of each variant."""
+    mw = is_metaworld(task)
+    success = f"success ({'end' if success_key == 'eval_success' else 'any step'})"
+    header = ["variant", "seed", "final return"] + ([f"final {success}"] if mw else []) + ["best return"] \
+        + ([f"best {success}"] if mw else []) + ["env frames (final eval)"]
+    keys = ["final_return"] + (["final_success"] if mw else []) + ["best_return"] + (["best_success"] if mw else [])
+
+    def cells(row: dict) -> list:
+        return [f"{row[k]:.2f}" if k.endswith("success") else fmt(row[k]) for k in keys]
+
+    lines = [f"### {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table["runs"]:
+        lines.append("| " + " | ".join([LABELS.get(row["variant"], row["variant"]), str(row["seed"])] + cells(row)
+                                       + [str(row["final_env_steps"])]) + " |")
+    for variant, row in table["mean"].items():
+        low, high = row["final_env_steps"]
+        name, seeds = f"**{LABELS.get(variant, variant)}**", f"mean of {plural(row['seeds'], 'seed')}"
+        lines.append("| " + " | ".join([name, seeds] + cells(row) + [str(low) if low == high else f"{low}-{high}"])
+                     + " |")
+    return lines + [""]
+
+
+def difference_ci(x: np.ndarray, y: np.ndarray, seed: int, reps: int = DIFFERENCE_RESAMPLES,
+                  conf: float = 0.95) -> np.ndarray:
+    """[low, high]: the percentile bootstrap CI of mean(x) - mean(y), the seeds of x and of y each resampled with
+    replacement, independently of the other's (the two variants' runs are independent)."""
+    rng = np.random.default_rng(seed)
+    x_means = x[rng.integers(0, len(x), (reps, len(x)))].mean(axis=1)
+    y_means = y[rng.integers(0, len(y), (reps, len(y)))].mean(axis=1)
+    return np.percentile(x_means - y_means, [50 * (1 - conf), 50 * (1 + conf)])
+
+
+def gsa_differences(task: str, by_variant: dict, seed: int) -> dict:
+    """{other variant: {"difference", "ci" (None under 2 seeds on either side), "seeds"}}: the mean final score of
+    GSA's seeds minus the other variant's, on one task ({} without GSA runs on it)."""
+    if "gsa" not in by_variant:
+        return {}
+    gsa = np.array([r["score"] for r in by_variant["gsa"]])
+    out = {}
+    for variant, runs in by_variant.items():
+        if variant == "gsa":
+            continue
+        other = np.array([r["score"] for r in runs])
+        enough = len(gsa) >= 2 and len(other) >= 2  # one seed has no spread to resample: no CI from it
+        out[variant] = {"difference": float(gsa.mean() - other.mean()),
+                        "ci": [float(c) for c in difference_ci(gsa, other, seed)] if enough else None,
+                        "seeds": {"gsa": len(gsa), variant: len(other)}}
+    return out
+
+
+def read_training_logs(run: dict, args: Args) -> dict:
+    """What the run logged per training episode, cut at --max-env-steps, as {name: (env frames [N], values [N])}:
+    "entropy" (train.jsonl: the actor's entropy in imagination), "imag_reward" (train.jsonl: the reward head's mean
+    reward per imagined step) and "real_reward" (episodes.jsonl: return / length, the reward per agent step the
+    environment paid). A log the run lacks (older runs) or whose records lack a key is absent from the dict."""
+    logs = {}
+    for name, keys in (("train", ("entropy", "imag_reward")), ("episodes", ("return", "length"))):
+        path = Path(run["dir"]) / f"{name}.jsonl"
+        if not path.is_file():
+            continue
+        records = [r for _, r in read_jsonl(path)
+                   if all(isinstance(r.get(k), (int, float)) and not isinstance(r[k], bool)
+                          for k in ("env_steps",) + keys)
+                   and (args.max_env_steps is None or r["env_steps"] <= args.max_env_steps)]
+        records.sort(key=lambda r: r["env_steps"])
+        if not records:
+            continue
+        steps = np.array([r["env_steps"] for r in records], float)
+        if name == "train":
+            logs.update({k: (steps, np.array([r[k] for r in records], float)) for k in keys})
+        else:
+            logs["real_reward"] = (steps, np.array([r["return"] / max(r["length"], 1) for r in records], float))
+    return logs
+
+
+def seed_mean(series: list) -> tuple:
+    """(env frames, mean over seeds) of several seeds' (x, y) series, on the span every seed covers (so the mean
+    never changes which seeds it averages), each interpolated linearly onto the union of their x in that span.
+    Empty where the seeds share no span."""
+    low, high = max(x[0] for x, _ in series), min(x[-1] for x, _ in series)
+    if high < low:
+        return np.array([]), np.array([])
+    grid = np.unique(np.concatenate([x[(x >= low) & (x <= high)] for x, _ in series]))
+    return grid, np.mean([np.interp(grid, x, y) for x, y in series], axis=0)
+
+
+def plot_diagnostics(task: str, by_variant: dict, logs: dict, notes: list) -> bytes:
+    """PNG bytes of one task's diagnostics over env frames, one colour per variant (a thick line: the mean over
+    seeds, where every seed has data; thin faint lines: each seed; no band): (a) the actor's entropy, (b) the
+    reward head's imagined reward per step (solid) against the real reward per agent step of the training
+    episodes (dashed), (c) the critic's value of each evaluation's first frame (solid) against the discounted
+    return those episodes earned (dashed). logs: {run dir: read_training_logs}. Panels (b) and (c) start their
+    y-axis at 0 (rewards and returns of these tasks are not negative; a zoomed axis would magnify a small gap);
+    (a) does not: a Gaussian's entropy is a differential entropy, whose zero means nothing."""
+    from matplotlib.lines import Line2D
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    panels = [  # (axes, title, y label, [(measure, line style)], where the measures come from)
+        (axes[0], "(a) the actor's entropy in imagination (train.jsonl)",
+         "actor entropy (nats, summed over action dims)", [("entropy", "-")], "train.jsonl"),
+        (axes[1], "(b) reward per agent step: imagined by the reward head (solid)\nvs paid by the env in the training "
+                  "episodes, warm-up included (dashed)",
+         "reward per agent step", [("imag_reward", "-"), ("real_reward", "--")], "train.jsonl or episodes.jsonl"),
+        (axes[2], "(c) evaluations: the critic's value of the first frame (solid)\nvs the discounted return the "
+                  "episodes earned (dashed)",
+         "value / discounted return", [("value_first", "-"), ("return_discounted", "--")],
+         "eval_value_first in metrics.jsonl"),
+    ]
+    for ax, title, ylabel, measures, source in panels:
+        handles = []
+        for variant, runs in by_variant.items():
+            colour, drawn = variant_colour(variant), set()
+            for key, style in measures:
+                series = []
+                for r in runs:
+                    if key in ("value_first", "return_discounted"):
+                        x, y = r["steps"], r[key]
+                    elif key in logs[r["dir"]]:
+                        x, y = logs[r["dir"]][key]
+                    else:
+                        continue
+                    keep = np.isfinite(y)
+                    if keep.any():
+                        series.append((x[keep], y[keep]))
+                        drawn.add(r["dir"])
+                if not series:
+                    continue
+                sparse = key in ("value_first", "return_discounted")  # a few evaluations: mark each
+                if len(series) > 1:
+                    for x, y in series:
+                        ax.plot(x, y, color=colour, linestyle=style, linewidth=0.8, alpha=0.35,
+                                marker="o" if len(x) == 1 else None, markersize=3)
+                x, y = seed_mean(series)
+                ax.plot(x, y, color=colour, linestyle=style, linewidth=2.2, markersize=4,
+                        marker="o" if sparse or len(x) == 1 else None)  # a line of one point is invisible
+            if drawn:
+                handles.append(Line2D([], [], color=colour, linewidth=2.2,
+                                      label=f"{LABELS.get(variant, variant)} ({plural(len(drawn), 'seed')})"))
+            missing = [str(r["seed"]) for r in runs if r["dir"] not in drawn]
+            if missing:
+                say(notes, f"{task}, diagnostics panel {title[:3]}: {LABELS.get(variant, variant)}, "
+                           f"{'seed' if len(missing) == 1 else 'seeds'} {', '.join(missing)}: no {source} (older "
+                           f"runs); left out of that panel")
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_xlabel("env frames")
+        ax.set_ylabel(ylabel)
+        if not handles:
+            ax.text(0.5, 0.5, f"no run has {source}\n(older runs)", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
+            ax.set_xticks([])
+            ax.set_yticks([])  # an empty panel's 0-1 axes would read as data
+            continue
+        ax.set_xlim(left=0)
+        if len(measures) > 1:
+            ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+            names = {"imag_reward": "imagined (train.jsonl imag_reward)",
+                     "real_reward": "real (episodes.jsonl return / length)",
+                     "value_first": "critic's value (eval_value_first)",
+                     "return_discounted": "discounted return (eval_return_discounted)"}
+            handles += [Line2D([], [], color="black", linestyle=style, label=names[key]) for key, style in measures]
+        ax.grid(alpha=0.3)
+        ax.legend(handles=handles, fontsize=7.5)
+    seeds = max(len(runs) for runs in by_variant.values())
+    fig.suptitle(f"{task}: what the learner measured while training. Thick: mean over seeds"
+                 + (" (where all have data); thin: each seed" if seeds > 1 else "") + "; no bands", fontsize=11)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def latest_eval_video(run: dict, max_env_steps: Optional[int]) -> Optional[tuple]:
+    """(env frames, path) of the run's latest evaluation video (finetune_gsa.py's videos/eval-<env frames>.mp4) at
+    or before max_env_steps; None if it has none. Half-written temporaries (eval-<n>.tmp-<pid>.mp4) are not videos."""
+    videos = []
+    for path in (Path(run["dir"]) / "videos").glob("eval-*.mp4"):
+        frames = path.stem[len("eval-"):]
+        if frames.isdigit() and (max_env_steps is None or int(frames) <= max_env_steps):
+            videos.append((int(frames), path))
+    return max(videos) if videos else None
+
+
+def filmstrip_steps(frames: int) -> np.ndarray:
+    """The video frames (agent steps) a film strip shows: FILMSTRIP_FRAMES evenly spaced from the first to the last
+    (all of them in a shorter video)."""
+    return np.unique(np.linspace(0, frames - 1, FILMSTRIP_FRAMES).round().astype(int))
+
+
+def plot_filmstrip(task: str, gsa_runs: list, args: Args, notes: list) -> Optional[bytes]:
+    """PNG bytes of a film strip of one GSA evaluation episode: the latest evaluation video of the GSA run with the
+    lowest seed (the first of that evaluation's episodes: the RL policy's mode, no prior), FILMSTRIP_FRAMES frames
+    evenly spaced in one row, each with its agent step (the video's frame index; 0 is the reset frame) under it.
+    None, with a note, if there is no video or it cannot be read."""
+    import imageio.v2 as imageio
+
+    run = min(gsa_runs, key=lambda r: r["seed"])
+    found = latest_eval_video(run, args.max_env_steps)
+    if found is None:
+        say(notes, f"{task}: no film strip: no evaluation video under {run['dir']}/videos")
+        return None
+    env_frames, path = found
+    try:
+        frames = np.stack(imageio.mimread(path, memtest=False))[..., :3]
+    except Exception as e:  # noqa: BLE001 - a damaged video: said, and the figure skipped
+        say(notes, f"{task}: no film strip: {path} is unreadable ({type(e).__name__}: {e})")
+        return None
+    shown = filmstrip_steps(len(frames))
+    height, width = frames.shape[1:3]
+    gap = max(2, width // 32)
+    strip = np.full((height, len(shown) * (width + gap) - gap, 3), 255, np.uint8)
+    for i, t in enumerate(shown):
+        strip[:, i * (width + gap):i * (width + gap) + width] = frames[t]
+    fig, ax = pyplot().subplots(figsize=(1.3 * len(shown), 2.3))
+    ax.imshow(strip, interpolation="nearest")
+    ax.set_xticks([i * (width + gap) + width / 2 for i in range(len(shown))], [str(t) for t in shown])
+    ax.set_yticks([])
+    ax.set_xlabel(f"agent step (of {len(frames) - 1}; 0 is the reset frame)")
+    at = np.flatnonzero(run["steps"] == env_frames)
+    result = "" if not len(at) else f"; that evaluation's mean return {run['eval_return'][at[-1]]:.0f}" + (
+        f", success {run['value'][at[-1]]:.2f}" if is_metaworld(task) else "")
+    ax.set_title(f"{task}: GSA, seed {run['seed']}, evaluation at {env_frames} env frames ({path.name}, its first "
+                 f"episode){result}", fontsize=9, loc="left")
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def task_evidence(task: str, by_variant: dict, args: Args, notes: list) -> tuple:
+    """({figure name: PNG bytes}, numbers for scores.json) of one task: the per-seed table, GSA minus each other
+    variant, diagnostics-<task>.png and (with GSA runs) filmstrip-<task>.png."""
+    logs = {r["dir"]: read_training_logs(r, args) for runs in by_variant.values() for r in runs}
+    figures = {f"diagnostics-{task}.png": plot_diagnostics(task, by_variant, logs, notes)}
+    if "gsa" in by_variant:
+        strip = plot_filmstrip(task, by_variant["gsa"], args, notes)
+        if strip is not None:
+            figures[f"filmstrip-{task}.png"] = strip
+    numbers = {"per_seed": per_seed_table(by_variant, is_metaworld(task)),
+               "gsa_minus": gsa_differences(task, by_variant, args.seed)}
+    return figures, numbers
+
+
+def difference_lines(differences: dict) -> list:
+    """report.md's table of GSA minus each other variant, per task. differences: {task: gsa_differences}."""
+    rows = [(task, variant, d) for task, by in differences.items() for variant, d in by.items()]
+    lines = ["## GSA minus each other variant: final score, 95% bootstrap CI", ""]
+    if not rows:
+        return lines + ["None: it needs GSA runs and runs of another variant on the same task.", ""]
+    lines += ["Mean final score of GSA's seeds minus the other variant's (scores as above); the CI resamples the seeds "
+              f"of each variant independently ({DIFFERENCE_RESAMPLES} resamples, percentile interval). A CI that "
+              "excludes 0 is evidence of a difference at these seeds; with few seeds it is itself rough.", "",
+              "| task | other variant | seeds (GSA, other) | GSA minus other | 95% CI |", "|---|---|---|---|---|"]
+    for task, variant, d in rows:
+        ci = "CI needs 2+ seeds per variant" if d["ci"] is None else f"[{d['ci'][0]:.1f}, {d['ci'][1]:.1f}]"
+        lines.append(f"| {task} | {LABELS.get(variant, variant)} | {d['seeds']['gsa']}, {d['seeds'][variant]} | "
+                     f"{d['difference']:+.1f} | {ci} |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -891,6 +1213,11 @@ def main(args: Args) -> None:
                                       args.bootstrap)
         figures = {f"curves-{task}.png": plot_task(task, {v: groups[v][task] for v in variants if task in groups[v]},
                                                    args) for task in tasks}
+    notes, evidence = [], {}  # notes: what the evidence figures had to leave out
+    for task in tasks:
+        task_figures, evidence[task] = task_evidence(
+            task, {v: groups[v][task] for v in variants if task in groups[v]}, args, notes)
+        figures.update(task_figures)
     figures["performance-profile.png"] = plot_performance_profiles(taus, profiles)
     if poi:
         figures["probability-of-improvement.png"] = plot_probability_of_improvement(poi)
@@ -926,8 +1253,21 @@ def main(args: Args) -> None:
                          f"{fmt_ci(point[0], ci[:, 0], 2)} |")
     else:
         lines.append("None: it needs GSA runs and runs of another variant on a task in common.")
-    lines += ["", "Figures: `curves-<task>.png` (learning curves), `performance-profile.png` (fraction of runs above "
-              "each normalised score)" + (", `probability-of-improvement.png`" if poi else "") + "."]
+    lines += ["", "## Per task: every seed", "",
+              "Final: the last evaluation" + (f" at or before {args.max_env_steps} env steps" if args.max_env_steps
+                                              else "") + "; best: the highest evaluation (optimistic: the best of "
+              "noisy evaluations).", ""]
+    for task in tasks:
+        lines += per_seed_lines(task, evidence[task]["per_seed"], args.success_key)
+    lines += difference_lines({task: evidence[task]["gsa_minus"] for task in tasks})
+    strips = any(name.startswith("filmstrip-") for name in figures)
+    lines += ["Figures: `curves-<task>.png` (learning curves), `diagnostics-<task>.png` (the actor's entropy, imagined "
+              "against real reward, the critic's value against the discounted return earned), "
+              + ("`filmstrip-<task>.png` (one GSA evaluation episode), " if strips else "")
+              + "`performance-profile.png` (fraction of runs above each normalised score)"
+              + (", `probability-of-improvement.png`" if poi else "") + "."]
+    if notes:
+        lines += ["", "Left out of the figures:"] + [f"- {note}" for note in notes]
     if summary is not None:
         lines += ["", f"## Summary (`summary.png`, {summary['task']})", "", summary["caption"]]
     if args.paper_reference:
@@ -950,6 +1290,7 @@ def main(args: Args) -> None:
                                                                for v, (p, ci) in profiles.items()}},
               "runs": [{"dir": r["dir"], "variant": r["variant"], "task": r["task"], "seed": r["seed"],
                         "score": r["score"], "final_env_steps": float(r["steps"][-1])} for r in runs],
+              "per_task": evidence, "notes": notes,
               **({"summary": summary} if summary is not None else {})}
     write_bytes_atomic(out / "scores.json", (json.dumps(scores, indent=1) + "\n").encode())
     print(report)

@@ -1,5 +1,6 @@
 """Tests of report.py: variant naming; rliable's aggregates, probability of improvement, performance profiles
-and stratified bootstrap by hand and against rliable's own functions; figures and tables; bad input."""
+and stratified bootstrap by hand and against rliable's own functions; figures and tables; the per-task evidence
+(per-seed tables, GSA minus each variant with its bootstrap CI, diagnostics, film strip); bad input."""
 import json
 import os
 import subprocess
@@ -274,3 +275,141 @@ def test_variant_names_agree_with_finetune():
                      guidance=guidance)
         args = finetune_gsa.Args(task="walker-walk", **flags)
         assert finetune_gsa.variant_name(args) == report.variant_name(flags), flags
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evidence per task: per-seed table, GSA minus each variant, diagnostics, film strip
+# ----------------------------------------------------------------------------------------------------------
+
+def add_training_logs(run: Path, frames=(1000, 2000, 3000), entropy=2.0, imag_reward=0.5) -> None:
+    """What finetune_gsa.py logs besides metrics.jsonl: train.jsonl and episodes.jsonl (one line per episode), and
+    the critic check (eval_value_first, eval_return_discounted) in every evaluation record."""
+    with open(run / "train.jsonl", "w") as f:
+        for i, s in enumerate(frames):
+            f.write(json.dumps({"env_steps": s, "entropy": entropy - 0.5 * i, "imag_reward": imag_reward,
+                                "wm_loss": 1.0}) + "\n")
+    with open(run / "episodes.jsonl", "w") as f:
+        for i, s in enumerate(frames):
+            f.write(json.dumps({"env_steps": s, "episode": i, "return": 100.0 * (i + 1), "length": 500,
+                                "warmup": i == 0, "guidance_p": 0.0, "prior_first": 0, "prior_steps": 0}) + "\n")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if "eval_return" in r:
+            r.update(eval_value_first=0.1 * r["eval_return"], eval_return_discounted=0.2 * r["eval_return"])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def add_eval_video(run: Path, env_frames: int, frames: int = 11) -> None:
+    """videos/eval-<env frames>.mp4 as finetune_gsa.py writes it: 64x64 RGB, frame t after t agent steps."""
+    import imageio.v2 as imageio
+
+    video = np.zeros((frames, 64, 64, 3), np.uint8)
+    video[:, :, :, 0] = np.linspace(0, 255, frames).astype(np.uint8)[:, None, None]
+    (run / "videos").mkdir(exist_ok=True)
+    imageio.mimwrite(run / "videos" / f"eval-{env_frames:07d}.mp4", video, fps=30, macro_block_size=16)
+
+
+def test_evidence_files_and_per_seed_table(tmp_path):
+    root = tmp_path / "runs"
+    gsa = [make_run(root, f"gsa-{s}", "walker-run", s, [100, 500 + 10 * s, 300 + 100 * s]) for s in range(3)]
+    dv3 = [make_run(root, f"dv3-{s}", "walker-run", s, [50, 200, 100 + 10 * s], flags={"no_pretrain": True},
+                    steps=[10000, 20000, 25000 + 5000 * s]) for s in range(2)]
+    mw = [make_run(root, f"reach-{s}", "mw-reach", s, [0.2, 0.9, 0.5 + 0.1 * s]) for s in range(2)]
+    for run in gsa + dv3:
+        add_training_logs(run)
+    add_eval_video(gsa[0], 20000)
+    add_eval_video(gsa[0], 30000, frames=7)  # the latest: the one shown
+    (gsa[0] / "videos" / "eval-0040000.tmp-99.mp4").write_bytes(b"half written")  # not a video
+    add_eval_video(mw[1], 30000)  # only the second seed has a video: no strip from the first seed's run
+    out = tmp_path / "out"
+    report.main(args_for([root], out, bootstrap=50))
+    for name in ("diagnostics-walker-run", "diagnostics-mw-reach", "filmstrip-walker-run"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "filmstrip-mw-reach.png").exists()
+    assert report.latest_eval_video({"dir": str(gsa[0])}, None)[0] == 30000
+    assert report.latest_eval_video({"dir": str(gsa[0])}, 25000)[0] == 20000  # --max-env-steps holds for videos
+
+    scores = json.loads((out / "scores.json").read_text())
+    table = scores["per_task"]["walker-run"]["per_seed"]
+    rows = {(r["variant"], r["seed"]): r for r in table["runs"]}
+    assert rows[("gsa", 2)]["final_return"] == 500.0 and rows[("gsa", 2)]["best_return"] == 520.0
+    assert rows[("gsa", 0)]["final_return"] == 300.0 and rows[("gsa", 0)]["best_return"] == 500.0
+    assert rows[("no-pretrain", 1)]["final_env_steps"] == 30000 and rows[("no-pretrain", 0)]["final_env_steps"] == 25000
+    assert table["mean"]["gsa"] == {"seeds": 3, "final_return": 400.0, "best_return": 510.0,
+                                    "final_env_steps": [30000, 30000]}
+    assert table["mean"]["no-pretrain"]["final_env_steps"] == [25000, 30000]
+    reach = scores["per_task"]["mw-reach"]["per_seed"]["runs"][1]
+    assert (reach["final_success"], reach["best_success"], reach["final_return"]) == (0.6, 0.9, 600.0)
+    md = (out / "report.md").read_text()
+    assert "| GSA | 0 | 300.0 | 500.0 | 30000 |" in md
+    assert "| **DreamerV3 (from scratch)** | mean of 2 seeds | 105.0 | 200.0 | 25000-30000 |" in md
+    assert "| GSA | 1 | 600.0 | 0.60 | 900.0 | 0.90 | 30000 |" in md  # Meta-World: return and success columns
+    assert "mw-reach: no film strip: no evaluation video under" in md and "reach-0" in md
+    assert not any("walker-run, diagnostics" in n for n in scores["notes"])  # every walker run has every log
+
+
+def test_gsa_minus_other_variant_in_the_report(tmp_path):
+    root = tmp_path / "runs"
+    gsa = [make_run(root, f"gsa-{s}", "walker-run", s, [100, 800 + 20 * s]) for s in range(3)]  # scores 80, 82, 84
+    dv3 = [make_run(root, f"dv3-{s}", "walker-run", s, [100, 100 + 20 * s], flags={"no_pretrain": True})
+           for s in range(2)]  # scores 10, 12
+    naive = make_run(root, "naive-0", "walker-run", 0, [100, 700],
+                     flags={"no_rehearsal": True, "no_guidance": True})  # one seed: score 70
+    out = tmp_path / "out"
+    report.main(args_for([*gsa, *dv3, naive], out, bootstrap=50, seed=3))
+    minus = json.loads((out / "scores.json").read_text())["per_task"]["walker-run"]["gsa_minus"]
+    d = minus["no-pretrain"]
+    assert d["difference"] == pytest.approx(82.0 - 11.0) and d["seeds"] == {"gsa": 3, "no-pretrain": 2}
+    assert 0 < d["ci"][0] <= d["difference"] <= d["ci"][1]  # a clear gap: the CI excludes 0
+    np.testing.assert_allclose(d["ci"], report.difference_ci(np.array([80.0, 82, 84]), np.array([10.0, 12]), 3))
+    assert minus["pretrain-only"] == {"difference": pytest.approx(12.0), "ci": None,
+                                      "seeds": {"gsa": 3, "pretrain-only": 1}}
+    md = (out / "report.md").read_text()
+    assert "| walker-run | DreamerV3 (from scratch) | 3, 2 | +71.0 | [" in md
+    assert "| walker-run | pre-train + naive fine-tune | 3, 1 | +12.0 | CI needs 2+ seeds per variant |" in md
+    # runs without train.jsonl, episodes.jsonl or the critic check (older runs) still give a whole report
+    assert (out / "diagnostics-walker-run.png").is_file() and not (out / "filmstrip-walker-run.png").exists()
+    assert "panel (a): GSA, seeds 0, 1, 2: no train.jsonl" in md and "no film strip" in md
+
+
+def test_difference_ci_by_hand():
+    ci = report.difference_ci
+    x, y = np.array([0.0, 10.0]), np.array([0.0, 0.0])
+    # x's resampled mean is 0, 5 or 10 with probability 1/4, 1/2, 1/4; y's is always 0
+    np.testing.assert_allclose(ci(x, y, 0), [0.0, 10.0])
+    np.testing.assert_allclose(ci(y, x, 0), [-10.0, 0.0])  # the other side is resampled as well
+    same = np.array([10.0, 50.0, 90.0])
+    low, high = ci(same, same.copy(), 0)
+    assert low < 0 < high and low == pytest.approx(-high, abs=10)  # identical variants: around 0
+    g = np.random.default_rng(0)
+    a, b = g.normal(50, 10, 4), g.normal(20, 10, 4)
+    base = ci(a, b, 1)
+    np.testing.assert_allclose(ci(a + 7, b, 1), base + 7)  # same draws: the CI moves with the data
+    np.testing.assert_allclose(ci(2 * a, 2 * b, 1), 2 * base)  # and widens with its spread
+    np.testing.assert_array_equal(ci(a, b, 1), base)  # seeded: reproducible
+    assert not np.array_equal(ci(a, b, 2), base)
+    wide = np.diff(ci(np.array([0.0, 100.0]), np.array([50.0, 50.0]), 0))[0]
+    narrow = np.diff(ci(np.tile([0.0, 100.0], 10), np.array([50.0, 50.0]), 0))[0]
+    assert wide == pytest.approx(100.0) and narrow < 0.5 * wide  # more seeds, same spread: narrower
+
+
+def test_training_logs_and_seed_mean(tmp_path):
+    run = make_run(tmp_path, "r", "walker-run", 0, [1, 2, 3])
+    add_training_logs(run, frames=(1000, 2000, 3000))
+    logs = report.read_training_logs({"dir": str(run)}, args_for([run], tmp_path / "o"))
+    np.testing.assert_allclose(logs["entropy"][1], [2.0, 1.5, 1.0])
+    np.testing.assert_allclose(logs["real_reward"][1], [0.2, 0.4, 0.6])  # return / length
+    cut = report.read_training_logs({"dir": str(run)}, args_for([run], tmp_path / "o", max_env_steps=2000))
+    np.testing.assert_allclose(cut["imag_reward"][0], [1000, 2000])
+    (run / "train.jsonl").unlink()
+    assert set(report.read_training_logs({"dir": str(run)}, args_for([run], tmp_path / "o"))) == {"real_reward"}
+    r = report.read_run(run, args_for([run], tmp_path / "o"))
+    np.testing.assert_allclose(r["value_first"], [0.1, 0.2, 0.3])
+    # the mean over seeds covers only the span every seed has: frames 5 to 10 here
+    x, y = report.seed_mean([(np.array([0.0, 10.0]), np.array([0.0, 10.0])),
+                             (np.array([5.0, 20.0]), np.array([0.0, 0.0]))])
+    np.testing.assert_allclose(x, [5.0, 10.0])
+    np.testing.assert_allclose(y, [2.5, 5.0])
+    assert report.seed_mean([(np.array([0.0, 1.0]), np.zeros(2)), (np.array([2.0, 3.0]), np.zeros(2))])[0].size == 0
+    np.testing.assert_array_equal(report.filmstrip_steps(501), [0, 56, 111, 167, 222, 278, 333, 389, 444, 500])
+    np.testing.assert_array_equal(report.filmstrip_steps(4), [0, 1, 2, 3])
