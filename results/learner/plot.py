@@ -31,6 +31,12 @@ def critic(a: dict) -> str:
     return f"critic {boot} {lr:g}"
 
 
+def precision(a: dict) -> str:
+    """The update precision as run: --precision auto is fp32 on a CPU (bf16 on a GPU) in the code these runs used."""
+    p = a.get("precision", "auto")
+    return {"auto": "bf16" if str(a.get("device", "cpu")).startswith("cuda") else "fp32"}.get(p, p)
+
+
 @dataclass
 class Args:
     runs: list[str] = field(default_factory=list)
@@ -74,7 +80,7 @@ def main(args: Args) -> None:
         a = json.loads((run / "args.json").read_text())
         guided = not (a["no_pretrain"] or a["no_guidance"])
         label = (f"{a['task']} {'GSA' if guided else 'from scratch'}, train ratio {a['resolved']['train_ratio']:g}, "
-                 f"entropy {a['entropy_scale']:g}, {critic(a)}, seed {a['seed']}")
+                 f"entropy {a['entropy_scale']:g}, {critic(a)}, {precision(a)}, seed {a['seed']}")
         evals, train, eps = jsonl(run / "metrics.jsonl"), jsonl(run / "train.jsonl"), jsonl(run / "episodes.jsonl")
         warm = [e["return"] for e in eps if e["warmup"]]
         x = [e["env_steps"] for e in evals]

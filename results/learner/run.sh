@@ -9,6 +9,7 @@
 #   ENTROPY=3e-4 RATIOS=64 bash results/learner/run.sh  # another actor entropy scale (run dirs get -ent<scale>)
 #   BOOTSTRAP=fast CRITIC_LR=3e-4 SEEDS="0 1" RATIOS=64 bash results/learner/run.sh  # the critic's bootstrap and
 #                                                        # learning rate (run dirs get -<bootstrap>-clr<lr>)
+#   PRECISION=bf16 SEEDS="0 1" RATIOS=128 bash results/learner/run.sh   # bf16 autocast (run dirs get -bf16)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -20,16 +21,17 @@ FRAMES=${FRAMES:-50000}
 ENTROPY=${ENTROPY:-}  # empty: the default entropy scale (1e-4)
 BOOTSTRAP=${BOOTSTRAP:-}  # empty: the default --critic-bootstrap
 CRITIC_LR=${CRITIC_LR:-}  # empty: the default --critic-lr
+PRECISION=${PRECISION:-}  # empty: the default --precision (fp32 on a CPU)
 mkdir -p "$EXP"
 for seed in $SEEDS; do
   for ratio in $RATIOS; do
-    name="$TASK-scratch-r$ratio${ENTROPY:+-ent$ENTROPY}${BOOTSTRAP:+-$BOOTSTRAP}${CRITIC_LR:+-clr$CRITIC_LR}-s$seed"
+    name="$TASK-scratch-r$ratio${ENTROPY:+-ent$ENTROPY}${BOOTSTRAP:+-$BOOTSTRAP}${CRITIC_LR:+-clr$CRITIC_LR}${PRECISION:+-$PRECISION}-s$seed"
     out="$EXP/$name"
     resume=""; [ -f "$out/ckpt.pt" ] && resume="--resume"
     $PY finetune_gsa.py --task "$TASK" --no-pretrain --size xs --env-steps "$FRAMES" --seed "$seed" \
         --train-ratio "$ratio" --eval-episodes 10 --threads 1 --out-dir "$out" $resume \
         ${ENTROPY:+--entropy-scale $ENTROPY} ${BOOTSTRAP:+--critic-bootstrap $BOOTSTRAP} \
-        ${CRITIC_LR:+--critic-lr $CRITIC_LR} >> "$EXP/$name.log" 2>&1 &
+        ${CRITIC_LR:+--critic-lr $CRITIC_LR} ${PRECISION:+--precision $PRECISION} >> "$EXP/$name.log" 2>&1 &
   done
 done
 wait
