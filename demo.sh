@@ -50,6 +50,7 @@ SIZE=${SIZE:-xs}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-2000}
 FINETUNE_FRAMES=${FINETUNE_FRAMES:-10000}
 EVAL_EVERY=${EVAL_EVERY:-2000}               # env frames between evaluations (10 episodes each at xs)
+TRAIN_RATIO=${TRAIN_RATIO:-64}               # one update per 8 agent steps: half the xs preset's 128, to stay in an hour
 GUIDANCE_SCHEDULE=${GUIDANCE_SCHEDULE:-scaled}
 SEED=${SEED:-0}
 K=${K:-$EPISODES}                            # retrieved episodes: one embodiment's (one Meta-World task's) worth
@@ -88,7 +89,8 @@ for variant in $VARIANTS; do
   resume=(); [ -f "$OUT/finetune/$variant/ckpt.pt" ] && resume=(--resume)
   cmd=($PY finetune_gsa.py --task "$TASK" --checkpoint "$OUT/pretrain/wm.pt" --index-dir "$OUT/index"
        --data-dir "$OUT/data" --out-dir "$OUT/finetune/$variant" --size "$SIZE" --env-steps "$FINETUNE_FRAMES"
-       --eval-every "$EVAL_EVERY" --k "$K" --seed "$SEED" --threads 1 "${flags[@]}" "${resume[@]}")
+       --eval-every "$EVAL_EVERY" --train-ratio "$TRAIN_RATIO" --k "$K" --seed "$SEED" --threads 1 "${flags[@]}"
+       "${resume[@]}")
   if [ "$DRY_RUN" = 1 ]; then
     run "${cmd[@]}"
   else

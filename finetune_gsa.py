@@ -49,8 +49,9 @@ Choices worth knowing:
     seed + 1000 * episodes, so episodes after a resume differ from those of an uninterrupted run.
   * Sizes: the world-model part (SIZES) is pretrain_wm.py's; AGENT_SIZES holds the rest. paper = appendix J and
     the release; s = DreamerV3 S (2-layer MLPs), the speed-benchmark size; xs = the CPU preset (batch 16 x 32,
-    train ratio 64, i.e. one update per 8 agent steps: ~3k updates in 50k frames, about 2 h on 1 thread;
-    warm-up 5 episodes; BC at most 30k steps of a half-width CNN, early-stopped); tiny = tests.
+    train ratio 128, i.e. the release's one update per 4 agent steps: ~5.6k updates in 50k frames, about 2 h on 1
+    thread with --precision bf16, about 3.5 h in fp32; warm-up 5 episodes; BC at most 30k steps of a half-width
+    CNN, early-stopped); tiny = tests. Ratio 128 was chosen over 64 on walker-stand (results/learner/README.md).
 """
 import os
 
@@ -234,7 +235,7 @@ AGENT_SIZES = {
     "tiny": dict(units=32, layers=1, batch_size=4, seq_len=8, horizon=4, train_ratio=16, bc_depth=4, bc_units=32,
                  bc_steps=4, bc_batch=8, warmup_frames=0, warmup_episodes=1, eval_every=80, eval_episodes=1,
                  critic_bootstrap="slow", critic_lr=8e-5),
-    "xs": dict(units=256, layers=2, batch_size=16, seq_len=32, horizon=16, train_ratio=64, bc_depth=16,
+    "xs": dict(units=256, layers=2, batch_size=16, seq_len=32, horizon=16, train_ratio=128, bc_depth=16,
                bc_units=256, bc_steps=30_000, bc_batch=64, warmup_frames=5000, warmup_episodes=5,
                eval_every=5000, eval_episodes=10, critic_bootstrap="slow", critic_lr=8e-5),
     "s": dict(units=512, layers=2, batch_size=16, seq_len=64, horizon=16, train_ratio=256, bc_depth=32,

@@ -220,17 +220,19 @@ def test_demo_dry_run_sequence_is_valid(tmp_path):
     assert ft.variant_name(scratch) == "no-pretrain"
     assert gsa.threads == scratch.threads == 1 and gsa.env_steps == scratch.env_steps == 10000
     assert gsa.eval_every == 2000 and gsa.size == scratch.size == pretrain.size == "xs"
+    assert gsa.train_ratio == scratch.train_ratio == 64  # half the xs preset's, to stay within the hour
     assert rep.summary and rep.paper_reference and rep.runs == (gsa.out_dir, scratch.out_dir)
     assert not (tmp_path / "demo").exists()  # a dry run writes nothing
 
 
 def test_demo_knobs(tmp_path):
-    proc = dry_run(tmp_path, VARIANTS="gsa pretrain-only", FINETUNE_FRAMES="4000", K="7", TASK="mw-reach")
+    proc = dry_run(tmp_path, VARIANTS="gsa pretrain-only", FINETUNE_FRAMES="4000", K="7", TASK="mw-reach",
+                   TRAIN_RATIO="128")
     assert proc.returncode == 0, proc.stderr
     commands = parsed_commands(proc.stdout)
     runs = [a for s, a in commands if s == "finetune_gsa.py"]
     assert [ft.variant_name(a) for a in runs] == ["gsa", "pretrain-only"]
-    assert all(a.env_steps == 4000 and a.k == 7 and a.task == "mw-reach" for a in runs)
+    assert all(a.env_steps == 4000 and a.k == 7 and a.task == "mw-reach" and a.train_ratio == 128 for a in runs)
     rep = commands[-1][1]
     assert not rep.summary  # no from-scratch run to compare with
     proc = dry_run(tmp_path, VARIANTS="gsa nonsense")

@@ -133,10 +133,48 @@ def main(args: Args) -> None:
                 shutil.copy(run / name, dest / name)
     fig.tight_layout()
     fig.savefig(out / "learner-curves.png", dpi=90)
+    plt.close(fig)
+    overlay(runs, Path(args.reference), out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for s in summary:
         print(s["label"], "| evals", [(e["env_steps"], round(e["eval_return"], 1)) for e in s["evals"]],
               "| warm-up mean", s["warmup_mean_return"], "| updates", s["updates"])
+
+
+def overlay(runs: list, reference: Path, out: Path) -> None:
+    """<task>-eval.png per task: every run's eval return on one axis (from 0), the random-action level (mean of
+    the from-scratch runs' random warm-up episodes) and DreamerV3's published curve."""
+    by_task = {}
+    for run in runs:
+        a = json.loads((run / "args.json").read_text())
+        by_task.setdefault(a["task"], []).append((run, a))
+    for task, items in by_task.items():
+        fig, ax = plt.subplots(figsize=(8, 5))
+        randoms = []
+        for run, a in items:
+            evals = jsonl(run / "metrics.jsonl")
+            bold = a["resolved"]["train_ratio"] == 128 and precision(a) == "bf16"
+            ax.plot([e["env_steps"] for e in evals], [e["eval_return"] for e in evals], "o-", ms=3,
+                    lw=2.2 if bold else 1.0, alpha=1.0 if bold else 0.6,
+                    label=f"{'scratch' if a['no_pretrain'] else 'GSA'}, ratio {a['resolved']['train_ratio']:g}, {critic(a)}, entropy {a['entropy_scale']:g}, "
+                          f"{precision(a)}, seed {a['seed']}")
+            if a["no_pretrain"] or a["no_guidance"]:
+                randoms += [e["return"] for e in jsonl(run / "episodes.jsonl") if e["warmup"]]
+        if randoms:
+            ax.axhline(np.mean(randoms), ls=":", color="gray", label=f"random actions ({np.mean(randoms):.0f})")
+        ref = reference_curve(reference, task)
+        if ref:
+            ax.plot(*zip(*ref), "k--", label="DreamerV3 published (larger model, train ratio 512)")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("env frames")
+        ax.set_ylabel("eval return (10 episodes, policy mode)")
+        kind = "from scratch" if all(a["no_pretrain"] for _, a in items) else "GSA / from scratch"
+        ax.set_title(f"{task}, {kind}, xs preset: one line per run (no bands: one run each)", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"{task}-eval.png", dpi=100)
+        plt.close(fig)
 
 
 if __name__ == "__main__":

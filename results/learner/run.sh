@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 11, "show that it learns": DreamerV3 from scratch (--no-pretrain) on walker-stand at the xs preset,
 # 50k env frames, evaluated every 5k frames over 10 episodes. Two train ratios side by side on one seed
-# (64 = one update per 8 agent steps, the xs default; 128 = one per 4, the release's rate), then more seeds.
+# (64 = one update per 8 agent steps, the xs default until session 6; 128 = one per 4, the release's rate and
+# the xs default since), then more seeds.
 # Each run uses 1 thread, so two runs fill a 2-core machine. Run directories live outside the checkout
 # (EXP, default ~/experiments/learner); re-running this script resumes unfinished runs.
 #   bash results/learner/run.sh                        # both ratios, seed 0
