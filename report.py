@@ -483,7 +483,7 @@ def fmt_ci(point: float, ci, digits: int = 1) -> str:
 # trained (diagnostics), and one GSA evaluation episode (film strip)
 # ----------------------------------------------------------------------------------------------------------
 
-DIFFERENCE_RESAMPLES = 10_000  # bootstrap resamples of each GSA-minus-variant difference (vectorised: milliseconds)
+DIFFERENCE_RESAMPLES = 10_000  # bootstrap resamples of each GSA-minus-variant difference (under a second)
 FILMSTRIP_FRAMES = 10  # frames of the GSA evaluation episode shown, evenly spaced from the reset to the end
 
 
@@ -542,11 +542,12 @@ def per_seed_lines(task: str, table: dict, success_key: str) -> list:
 def difference_ci(x: np.ndarray, y: np.ndarray, seed: int, reps: int = DIFFERENCE_RESAMPLES,
                   conf: float = 0.95) -> np.ndarray:
     """[low, high]: the percentile bootstrap CI of mean(x) - mean(y), the seeds of x and of y each resampled with
-    replacement, independently of the other's (the two variants' runs are independent)."""
-    rng = np.random.default_rng(seed)
-    x_means = x[rng.integers(0, len(x), (reps, len(x)))].mean(axis=1)
-    y_means = y[rng.integers(0, len(y), (reps, len(y)))].mean(axis=1)
-    return np.percentile(x_means - y_means, [50 * (1 - conf), 50 * (1 + conf)])
+    replacement, independently of the other's (the two variants' runs are independent): rliable's bootstrap, as
+    every other CI here (interval_estimates), seeded."""
+    with numpy_global_seed(seed):
+        _, ci = interval_estimates({"d": [x.reshape(-1, 1), y.reshape(-1, 1)]},
+                                   lambda a, b: np.array([a.mean() - b.mean()]), reps, conf)["d"]
+    return ci[:, 0]
 
 
 def gsa_differences(task: str, by_variant: dict, seed: int) -> dict:
