@@ -153,11 +153,12 @@ def overlay(runs: list, reference: Path, out: Path) -> None:
         randoms = []
         for run, a in items:
             evals = jsonl(run / "metrics.jsonl")
-            bold = a["resolved"]["train_ratio"] == 128 and precision(a) == "bf16"
+            ratio = a["resolved"]["train_ratio"]
+            bold = ratio == 128  # the xs preset's ratio since session 6
             ax.plot([e["env_steps"] for e in evals], [e["eval_return"] for e in evals], "o-", ms=3,
                     lw=2.2 if bold else 1.0, alpha=1.0 if bold else 0.6,
-                    label=f"{'scratch' if a['no_pretrain'] else 'GSA'}, ratio {a['resolved']['train_ratio']:g}, {critic(a)}, entropy {a['entropy_scale']:g}, "
-                          f"{precision(a)}, seed {a['seed']}")
+                    label=f"{'scratch' if a['no_pretrain'] else 'GSA'}, ratio {ratio:g}, {critic(a)}, "
+                          f"entropy {a['entropy_scale']:g}, {precision(a)}, seed {a['seed']}")
             if a["no_pretrain"] or a["no_guidance"]:
                 randoms += [e["return"] for e in jsonl(run / "episodes.jsonl") if e["warmup"]]
         if randoms:
