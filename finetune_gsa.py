@@ -1275,7 +1275,7 @@ def prepare(args: Args) -> Setup:
                                      "start the run again in a new --out-dir (or restore ckpt.pt from a backup)")
             if resume.get("format_version") != FORMAT_VERSION or resume.get("script") != SCRIPT:
                 fail(f"{ckpt_path} is not a {SCRIPT} checkpoint of format version {FORMAT_VERSION}")
-            diff, inherited = resume_differences(dict(resume["args"]), args)
+            diff, inherited = resume_differences(dict(resume["args"]), args, run_preset(resume, out_dir))
             for k, value in inherited.items():  # so the run's next checkpoint records them again
                 setattr(args, k, value)
             if diff:
@@ -1331,14 +1331,28 @@ RESUME_MAY_DIFFER = {"resume", "env_steps", "threads", "device", "precision", "o
                      "eval_episodes", "checkpoint_every", "video", "track", "wandb_project_name", "wandb_entity"}
 
 
-def resume_differences(saved: dict, args: Args) -> tuple[list, dict]:
+def resume_differences(saved: dict, args: Args, preset: Optional[dict] = None) -> tuple[list, dict]:
     """A resume's settings against the run's saved ones -> (["key (there, now)" for each that differs and may
-    not], the preset flags left unset now that keep the run's own value). Runs older than a flag's preset default
-    saved its fixed default (e.g. critic_lr 8e-5), so an unset preset flag is not a difference."""
-    inherited = {k: saved[k] for k in PRESET_FLAGS if getattr(args, k) is None and saved.get(k) is not None}
+    not], the preset flags left unset now that keep the run's own value: the flag it was given, else the value its
+    size preset had when it ran, `preset`). So a run keeps its train ratio, batch and the rest when the presets
+    change between versions, and runs older than a flag's preset default (which saved a fixed default, e.g.
+    critic_lr 8e-5) resume with it; an unset preset flag is never a difference."""
+    preset = preset or {}
+    inherited = {k: saved[k] if saved.get(k) is not None else preset[k] for k in PRESET_FLAGS
+                 if getattr(args, k) is None and (saved.get(k) is not None or k in preset)}
     diff = [f"{k} ({saved.get(k)!r} there, {getattr(args, k)!r} now)" for k in asdict(args)
             if k not in RESUME_MAY_DIFFER and k not in inherited and saved.get(k) != getattr(args, k)]
     return diff, inherited
+
+
+def run_preset(resume: dict, out_dir: Path) -> dict:
+    """The size preset a run resolved when it ran: saved in its checkpoint, or (checkpoints from before that) in
+    its args.json's "resolved"; {} if neither has it."""
+    if resume.get("preset"):
+        return dict(resume["preset"])
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return dict(json.loads((out_dir / "args.json").read_text()).get("resolved") or {})
+    return {}
 
 
 def load_init_run(args: Args, size: str, cfg: "ModelConfig", wm_sha: str) -> tuple[dict, list]:
@@ -1705,7 +1719,8 @@ def main(args: Args) -> None:
         counters["wall_time"] = wall_offset + time.time() - wall0
         counters["last_ckpt_frames"] = counters["env_frames"]
         save_checkpoint(ckpt_path, agent, prior, use_guidance, counters, np_rng, args,
-                        {"size": setup.size, "task": args.task, "retrieved": [[r["path"], d] for r, d in pairs],
+                        {"size": setup.size, "preset": setup.preset, "task": args.task,
+                         "retrieved": [[r["path"], d] for r, d in pairs],
                          "guidance": {"start": g_start, "end": g_end, "frames": g_frames}, "wm_sha256": setup.wm_sha,
                          # task adaptation: the earlier runs (for the next --init-from) and D_r's online rows
                          "experience": setup.experience,

@@ -83,6 +83,30 @@ def test_resume_keeps_the_runs_own_preset_flags(tmp_path):
         run_main(env_steps=160, resume=True, critic_lr=1e-3, **common)
 
 
+@pytest.mark.parametrize("saved_in", ["checkpoint", "args.json"])
+def test_resume_keeps_the_runs_own_preset_when_the_presets_change(tmp_path, monkeypatch, saved_in):
+    # A run started under one version's preset (here tiny's train ratio 16) resumes under a version whose preset
+    # differs (32): it keeps 16, so it neither changes its ratio mid-run nor owes a burst of catch-up updates.
+    # Runs checkpointed before the preset was saved in ckpt.pt fall back to their args.json's "resolved".
+    out = tmp_path / "run"
+    common = dict(task="cartpole-balance", no_pretrain=True, out_dir=str(out))
+    run_main(env_steps=80, **common)
+    before = torch.load(out / "ckpt.pt", weights_only=False)
+    assert before["preset"]["train_ratio"] == 16
+    if saved_in == "args.json":
+        del before["preset"]
+        torch.save(before, out / "ckpt.pt")
+    monkeypatch.setitem(ft.AGENT_SIZES, "tiny", {**ft.AGENT_SIZES["tiny"], "train_ratio": 32})
+    run_main(env_steps=160, resume=True, **common)
+    after = torch.load(out / "ckpt.pt", weights_only=False)
+    assert after["preset"]["train_ratio"] == 16 and after["args"]["train_ratio"] == 16
+    B, L = after["preset"]["batch_size"], after["preset"]["seq_len"]
+    c = after["counters"]
+    assert c["updates"] == (c["agent_steps"] - c["train_origin"]) * 16 // (B * L)  # no burst at ratio 32
+    run_main(env_steps=200, resume=True, **{**common, "out_dir": str(tmp_path / "fresh")})  # a new run: 32
+    assert torch.load(tmp_path / "fresh" / "ckpt.pt", weights_only=False)["preset"]["train_ratio"] == 32
+
+
 def test_non_finite_or_out_of_bounds_offline_action_is_named_at_load(tmp_path):
     for bad in (float("nan"), 1e38):
         root = tmp_path / f"up-{bad}"
