@@ -50,7 +50,7 @@ Choices worth knowing:
   * Sizes: the world-model part (SIZES) is pretrain_wm.py's; AGENT_SIZES holds the rest. paper = appendix J and
     the release; s = DreamerV3 S (2-layer MLPs), the speed-benchmark size; xs = the CPU preset (batch 16 x 32,
     train ratio 128, i.e. the release's one update per 4 agent steps: ~5.6k updates in 50k frames, about 2 h on 1
-    thread with --precision bf16, about 3.5 h in fp32; warm-up 5 episodes; BC at most 30k steps of a half-width
+    thread in bf16 (--precision auto's choice on a CPU with AVX512-BF16 or AMX), about 3 h in fp32; warm-up 5 episodes; BC at most 30k steps of a half-width
     CNN, early-stopped); tiny = tests. Ratio 128 was chosen over 64 on walker-stand (results/learner/README.md).
 """
 import os
@@ -122,8 +122,8 @@ class Args:
     threads: Optional[int] = None
     """torch CPU threads (default: torch's choice); set it when other processes share the cores"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """matmul/conv precision of the updates: auto = bf16 autocast on GPU, fp32 on CPU; bf16 on a CPU with
-    AVX512-BF16 or AMX about halves the update time (README, Speed); on one without them it is slower"""
+    """matmul/conv precision of the updates: auto = bf16 autocast on GPU and on a CPU with AVX512-BF16 or AMX
+    (about 0.6x the fp32 update time there, same learning: README, Speed), fp32 on other CPUs (bf16 is slower)"""
     resume: bool = False
     """continue the run in --out-dir from its ckpt.pt (required to reuse an existing run directory)"""
     init_from: Optional[str] = None
@@ -373,6 +373,22 @@ def actor_entropy(std: torch.Tensor) -> torch.Tensor:
     return torch.log(std) + 0.5 * math.log(2.0 * math.pi * math.e)
 
 
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX: CPUs on which bf16 matmuls run about twice as fast as fp32 (README, Speed). Elsewhere
+    bf16 is emulated and slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (private, so guarded)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def uses_bf16(precision: str, device_type: str) -> bool:
+    """--precision auto is bf16 autocast on a GPU and on a CPU with bf16 units, fp32 on other CPUs. On the CPU this
+    rests on a learning comparison: walker-stand from scratch, the same seeds and code in fp32 and bf16 to 20k
+    frames, with matching losses and returns (results/speed/precision-learning.md)."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16_units())
+
+
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
     """No parameter gradients for these modules inside the block (gradients still flow through them)."""
@@ -576,7 +592,7 @@ class Agent(nn.Module):
     def autocast(self):
         """bf16 autocast for the forward passes of an update (--precision); backward runs outside it."""
         device = self.bins.device.type
-        if self.precision == "bf16" or (self.precision == "auto" and device == "cuda"):
+        if uses_bf16(self.precision, device):
             return torch.autocast(device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -1640,7 +1656,8 @@ def open_run_dir(args: Args, setup: Setup, summary: Optional[dict]) -> None:
     (out_dir / "replay").mkdir(parents=True, exist_ok=True)
     (out_dir / "videos").mkdir(exist_ok=True)
     write_json_atomic(out_dir / "args.json", {**asdict(args), "resolved_size": setup.size, "resolved": setup.preset,
-                                              "device": str(setup.device)})
+                                              "device": str(setup.device), "resolved_precision":
+                                              "bf16" if uses_bf16(args.precision, setup.device.type) else "fp32"})
     if summary and setup.resume is None:
         write_json_atomic(out_dir / "retrieval.json", summary)
 
@@ -1697,7 +1714,7 @@ def main(args: Args) -> None:
     agent = build_agent(args, setup, env.action_dim)
     print(f"[finetune] {args.task} ({env.embodiment}, {env.action_dim} action dims), size {setup.size}, variant "
           f"{variant_name(args)}, world model {sum(p.numel() for p in agent.wm.parameters()) / 1e6:.2f}M params, "
-          f"device {setup.device}, {'bf16' if isinstance(agent.autocast(), torch.autocast) else 'fp32'}, out {out_dir}")
+          f"device {setup.device}, {'bf16' if uses_bf16(args.precision, setup.device.type) else 'fp32'}, out {out_dir}")
 
     # 1. Retrieval of D_r (Eq. 4), then the run directory (only now: every input has been checked).
     use_retrieval = use_guidance or setup.use_rehearsal

@@ -68,8 +68,8 @@ class Args:
     threads: Optional[int] = None
     """torch CPU threads (default: torch's choice); set it when other processes share the cores"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """matmul/conv precision of the updates: auto = bf16 autocast on GPU, fp32 on CPU; bf16 on a CPU with
-    AVX512-BF16 or AMX about halves the update time (README, Speed); on one without them it is slower"""
+    """matmul/conv precision of the updates: auto = bf16 autocast on GPU, fp32 on CPU (at xs, bf16 pre-training
+    is slower even with AVX512-BF16; at s and up such a CPU runs it about 1.3x faster: README, Speed)"""
     resume: bool = False
     """continue the run in --out-dir from its wm.pt (required to reuse a run directory that holds one); the
     data and the run-defining args must be the same"""

@@ -81,4 +81,7 @@ def test_finetune_evaluates_and_saves(pipeline):
         assert isinstance(rec["env_steps"], int) and math.isfinite(rec["eval_return"])
     assert lines[-1]["env_steps"] >= 400
     assert (ft / "ckpt.pt").exists()
-    assert json.loads((ft / "args.json").read_text())["task"] == "walker-walk"
+    saved = json.loads((ft / "args.json").read_text())
+    assert saved["task"] == "walker-walk"
+    import finetune_gsa  # what --precision auto chose on this machine is on record
+    assert saved["resolved_precision"] == ("bf16" if finetune_gsa.uses_bf16(saved["precision"], "cpu") else "fp32")

@@ -229,10 +229,19 @@ def test_bf16_update_is_close_to_fp32_and_heads_stay_fp32():
             assert agent.critic(torch.randn(3, agent.critic.body[0].in_features)).dtype == torch.float32
         torch.manual_seed(3)
         metrics[precision] = agent.update(batch)
-    assert not isinstance(tiny_agent().autocast(), torch.autocast)  # auto = fp32 on a CPU
     for key in ("wm_loss", "reward_loss", "critic_loss"):
         a, b = metrics["fp32"][key], metrics["bf16"][key]
         assert math.isfinite(b) and abs(a - b) <= 0.02 * abs(a), (key, a, b)
+
+
+def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_bf16_units(monkeypatch):
+    for has_units in (False, True):
+        monkeypatch.setattr(ft, "cpu_has_bf16_units", lambda: has_units)
+        assert isinstance(tiny_agent().autocast(), torch.autocast) == has_units
+        assert ft.uses_bf16("auto", "cpu") == has_units
+        assert ft.uses_bf16("auto", "cuda") and ft.uses_bf16("bf16", "cpu")
+        assert not ft.uses_bf16("fp32", "cuda") and not isinstance(tiny_agent(precision="fp32").autocast(),
+                                                                  torch.autocast)
 
 
 def test_padded_action_dims_stay_zero():

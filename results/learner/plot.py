@@ -32,9 +32,12 @@ def critic(a: dict) -> str:
 
 
 def precision(a: dict) -> str:
-    """The update precision as run: --precision auto is fp32 on a CPU (bf16 on a GPU) in the code these runs used."""
+    """The update precision as run: what --precision auto chose where args.json records it, else (older runs)
+    auto was fp32 on a CPU and bf16 on a GPU."""
     p = a.get("precision", "auto")
-    return {"auto": "bf16" if str(a.get("device", "cpu")).startswith("cuda") else "fp32"}.get(p, p)
+    if p == "auto":
+        return a.get("resolved_precision") or ("bf16" if str(a.get("device", "cpu")).startswith("cuda") else "fp32")
+    return p
 
 
 @dataclass

@@ -22,7 +22,7 @@ FRAMES=${FRAMES:-50000}
 ENTROPY=${ENTROPY:-}  # empty: the default entropy scale (1e-4)
 BOOTSTRAP=${BOOTSTRAP:-}  # empty: the default --critic-bootstrap
 CRITIC_LR=${CRITIC_LR:-}  # empty: the default --critic-lr
-PRECISION=${PRECISION:-}  # empty: the default --precision (fp32 on a CPU)
+PRECISION=${PRECISION:-}  # empty: the default --precision (auto: bf16 on a CPU with AVX512-BF16 or AMX, else fp32)
 mkdir -p "$EXP"
 for seed in $SEEDS; do
   for ratio in $RATIOS; do

@@ -37,8 +37,9 @@ def label(run: Path) -> str:
     a = json.loads((run / "args.json").read_text())
     ratio = a.get("train_ratio") or a.get("resolved", {}).get("train_ratio")
     precision = a["precision"]
-    if precision == "auto":  # auto: bf16 on a GPU, fp32 on a CPU (the code these runs used)
-        precision = "bf16 (auto)" if str(a.get("device", "cpu")).startswith("cuda") else "fp32 (auto)"
+    if precision == "auto":  # what auto chose (recorded since auto became bf16 on CPUs with bf16 units)
+        precision = f"{a['resolved_precision']} (auto)" if "resolved_precision" in a else \
+            "bf16 (auto)" if str(a.get("device", "cpu")).startswith("cuda") else "fp32 (auto, before auto used bf16 on CPUs)"
     return f"{precision}, seed {a['seed']}, ratio {ratio:g}"
 
 
