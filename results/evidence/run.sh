@@ -19,14 +19,14 @@
 # embodiment, is in $EXP/pretrain/metrics.jsonl and pretrain.log).
 #
 # Cost, estimated from the learner runs (not yet measured end to end): a 50k-frame run at xs (train ratio 128) is
-# about 2 h on 1 thread in bf16 (walker-stand: 122 min), 3.5-4 h in fp32; 9 runs on 2 cores, 2 at a time: about
-# 9 h in bf16, plus pre-training.
+# about 2 h on 1 thread in bf16 (walker-stand: 122 min; --precision auto's choice on a CPU with AVX512-BF16 or
+# AMX), about 3 h in fp32; 9 runs on 2 cores, 2 at a time: about 9 h in bf16, plus pre-training.
 # Everything lives under EXP (default ~/experiments/evidence), outside the checkout. Re-running the script skips
 # finished work and resumes the rest (sweep.py: runs evaluated at FRAMES are finished, others get --resume), so
 # the same command continues after an interruption.
 #   bash results/evidence/run.sh
 #   DRY_RUN=1 bash results/evidence/run.sh         # print the commands and each run's state, run nothing
-#   RUN_ARGS="--precision bf16" bash results/evidence/run.sh     # a learner setting for all runs
+#   RUN_ARGS="--precision fp32" bash results/evidence/run.sh     # a learner setting for all runs
 # At the end it copies each run's small files (args.json, metrics/train/episodes .jsonl, retrieval.json) into
 # results/evidence/runs/<run>/ and the report into results/evidence/report/, for committing.
 set -euo pipefail
