@@ -17,23 +17,27 @@
 # K = EPISODES: one DMControl embodiment's episodes, and one Meta-World task's, so that D_r can be exactly the
 # drawer-open episodes (retrieval keeps only the task's action dim, 4: sawyer).
 # Guidance: --guidance-schedule scaled, p from 1 to 0 over the first two thirds of the run on Meta-World (the
-# paper's schedule spans 150k frames; at 10k frames it would stay near 1 throughout). At xs the first 5000 frames
+# paper's schedule spans 150k frames; at 20k frames it would stay near 1 throughout). At xs the first 5000 frames
 # (25 episodes) are the warm-up, driven whole by the prior.
 #
-# Time at the default on a 2-core CPU with nothing else running: about 50 min, an estimate from the stages'
-# measured rates (README "Speed", results/learner); this default has not yet been run end to end.
-#   collect    ~5 min   reward-free explorers for walker and cheetah (20k steps each at ~140 steps/s, one per
-#                       worker), then 20k DMControl + 6k Meta-World agent steps with 2 workers
-#   pre-train ~10 min   2000 updates at ~0.26-0.3 s (2 threads), plus open-loop evaluations
-#   index      ~1 min   encode 100 first frames, build, query
-#   fine-tune ~28 min   both variants at once, 1 thread each. 10k frames = 50 Meta-World episodes of 100 agent
-#                       steps; updates start after 10 episodes, then one per 8 agent steps: 500 updates at ~2.3 s
-#                       (~19 min) plus env steps, EVAL_EVERY's 5 evaluations of 10 episodes, and for GSA the BC
-#                       prior (at least 3000 steps, ~4 min). results/learner's GSA run took 28 min to 10k frames.
-#   report     ~1 min
+# Time at the default on a 2-core CPU with nothing else running: about 45 min (an estimate from the measured 10k
+# run below; the 20k default's own measurement is in the README, "The main job").
+# Measured at FINETUNE_FRAMES=10000 from a fresh clone (2026-11-30, commit b653848, 2-core AMD EPYC with
+# AVX512-BF16, so fine-tuning in bf16): 30.1 min, plus 70 s of setup.sh:
+#   collect    2.2 min  reward-free explorers for walker and cheetah (20k steps each, one per worker), then 20k
+#                       DMControl + 6k Meta-World agent steps with 2 workers
+#   pre-train  9.3 min  2000 updates (2 threads), plus open-loop evaluations
+#   index      0.1 min  encode 100 first frames, build, query
+#   fine-tune 18.4 min  both variants at once, 1 thread each (GSA 18.4, scratch 12.2): 50 Meta-World episodes of
+#                       100 agent steps; updates start after 10 episodes (within the 25-episode warm-up), then one
+#                       per 8 agent steps: 500 updates, plus env steps, 5 evaluations of 10 episodes and GSA's BC
+#                       prior. At 20k frames each run does 1125 updates: GSA ~33 min.
+#   report     0.1 min
+# At 10k frames neither RL policy had learned the task (eval 156 GSA, 254 scratch, random actions 261; the prior's
+# warm-up episodes 1092); results/learner's GSA run first reached the drawer at 12k-16k frames, hence 20k.
 # Outputs under $OUT (default runs/demo): report/summary.png, report/curves-<task>.png, report/report.md,
 # finetune/<variant>/videos/eval-*.mp4, logs/finetune-<variant>.log, index/query-<task>.png, ...
-# Every knob is an environment variable, e.g. `FINETUNE_FRAMES=20000 bash demo.sh`; `DRY_RUN=1 bash demo.sh`
+# Every knob is an environment variable, e.g. `FINETUNE_FRAMES=10000 bash demo.sh`; `DRY_RUN=1 bash demo.sh`
 # prints the commands without running anything.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -48,7 +52,7 @@ EXPLORER_STEPS=${EXPLORER_STEPS:-20000}
 WORKERS=${WORKERS:-2}                        # collection processes
 SIZE=${SIZE:-xs}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-2000}
-FINETUNE_FRAMES=${FINETUNE_FRAMES:-10000}
+FINETUNE_FRAMES=${FINETUNE_FRAMES:-20000}
 EVAL_EVERY=${EVAL_EVERY:-2000}               # env frames between evaluations (10 episodes each at xs)
 TRAIN_RATIO=${TRAIN_RATIO:-64}               # one update per 8 agent steps: half the xs preset's 128, to stay in an hour
 GUIDANCE_SCHEDULE=${GUIDANCE_SCHEDULE:-scaled}

@@ -218,7 +218,7 @@ def test_demo_dry_run_sequence_is_valid(tmp_path):
     assert query.k == gsa.k == collect.episodes_per_embodiment == 20  # one embodiment's (one MW task's) worth
     assert ft.variant_name(gsa) == "gsa" and gsa.guidance_schedule == "scaled"
     assert ft.variant_name(scratch) == "no-pretrain"
-    assert gsa.threads == scratch.threads == 1 and gsa.env_steps == scratch.env_steps == 10000
+    assert gsa.threads == scratch.threads == 1 and gsa.env_steps == scratch.env_steps == 20000
     assert gsa.eval_every == 2000 and gsa.size == scratch.size == pretrain.size == "xs"
     assert gsa.train_ratio == scratch.train_ratio == 64  # half the xs preset's, to stay within the hour
     assert rep.summary and rep.paper_reference and rep.runs == (gsa.out_dir, scratch.out_dir)
