@@ -20,8 +20,9 @@
 # paper's schedule spans 150k frames; at 20k frames it would stay near 1 throughout). At xs the first 5000 frames
 # (25 episodes) are the warm-up, driven whole by the prior.
 #
-# Time at the default on a 2-core CPU with nothing else running: about 45 min (an estimate from the measured 10k
-# run below; the 20k default's own measurement is in the README, "The main job").
+# Time at the default on a 2-core CPU with nothing else running, measured from a fresh clone (commit afe6a48): 43.8
+# min plus 67 s of setup.sh (collect 1.9, pre-train 9.0, index 0.1, fine-tune 32.7 (GSA; scratch 26.4), report 0.1;
+# results/demo/20k).
 # Measured at FINETUNE_FRAMES=10000 from a fresh clone (2026-11-30, commit b653848, 2-core AMD EPYC with
 # AVX512-BF16, so fine-tuning in bf16): 30.1 min, plus 70 s of setup.sh:
 #   collect    2.2 min  reward-free explorers for walker and cheetah (20k steps each, one per worker), then 20k
