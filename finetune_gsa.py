@@ -50,8 +50,9 @@ Choices worth knowing:
   * Sizes: the world-model part (SIZES) is pretrain_wm.py's; AGENT_SIZES holds the rest. paper = appendix J and
     the release; s = DreamerV3 S (2-layer MLPs), the speed-benchmark size; xs = the CPU preset (batch 16 x 32,
     train ratio 128, i.e. the release's one update per 4 agent steps: ~5.6k updates in 50k frames, about 2 h on 1
-    thread in bf16 (--precision auto's choice on a CPU with AVX512-BF16 or AMX), about 3 h in fp32; warm-up 5 episodes; BC at most 30k steps of a half-width
-    CNN, early-stopped); tiny = tests. Ratio 128 was chosen over 64 on walker-stand (results/learner/README.md).
+    thread in bf16 (--precision auto's choice on a CPU with AVX512-BF16 or AMX), about 3 h in fp32; warm-up 5
+    episodes; BC at most 30k steps of a half-width CNN, early-stopped); tiny = tests. Ratio 128 was chosen over 64
+    on walker-stand (results/learner/README.md).
 """
 import os
 
@@ -123,7 +124,7 @@ class Args:
     """torch CPU threads (default: torch's choice); set it when other processes share the cores"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """matmul/conv precision of the updates: auto = bf16 autocast on GPU and on a CPU with AVX512-BF16 or AMX
-    (about 0.6x the fp32 update time there, same learning: README, Speed), fp32 on other CPUs (bf16 is slower)"""
+    (0.7x the fp32 update time there, same learning: README, Speed), fp32 on other CPUs (bf16 is slower)"""
     resume: bool = False
     """continue the run in --out-dir from its ckpt.pt (required to reuse an existing run directory)"""
     init_from: Optional[str] = None

@@ -38,8 +38,10 @@ def label(run: Path) -> str:
     ratio = a.get("train_ratio") or a.get("resolved", {}).get("train_ratio")
     precision = a["precision"]
     if precision == "auto":  # what auto chose (recorded since auto became bf16 on CPUs with bf16 units)
-        precision = f"{a['resolved_precision']} (auto)" if "resolved_precision" in a else \
-            "bf16 (auto)" if str(a.get("device", "cpu")).startswith("cuda") else "fp32 (auto, before auto used bf16 on CPUs)"
+        if "resolved_precision" in a:
+            precision = f"{a['resolved_precision']} (auto)"
+        else:  # older runs: auto was fp32 on every CPU
+            precision = "bf16 (auto)" if str(a.get("device", "cpu")).startswith("cuda") else "fp32 (auto)"
     return f"{precision}, seed {a['seed']}, ratio {ratio:g}"
 
 
