@@ -238,9 +238,11 @@ def plan(args: Args, common: list) -> list:
         except SystemExit as e:
             fail(f"--finetune-args: {e}")
     runs, mismatched = [], []
+    # Seed-major order: every variant's seed 0 runs before any seed 1, so a sweep stopped part-way (or read while
+    # it runs) already holds like-for-like comparisons rather than all seeds of the first variant.
     for task in args.tasks:
-        for variant in args.variants:
-            for seed in args.seeds:
+        for seed in args.seeds:
+            for variant in args.variants:
                 argv = ["--task", task, "--seed", str(seed), *VARIANTS[variant], *common]
                 run_dir = runs_dir / f"{task}-{finetune_gsa.variant_name(parsed_variants[variant])}-s{seed}"
                 parsed = dataclasses.replace(parsed_variants[variant], task=task, seed=seed, out_dir=str(run_dir))

@@ -69,6 +69,9 @@ def test_dry_run_prints_each_variants_command_and_writes_nothing(tmp_path, artif
         names.add(run_dir.name)
     assert names == {f"cartpole-balance-{v}-s{s}" for v in ("gsa", "no-pretrain", "pretrain-only", "jsrl")
                      for s in (0, 3)}
+    # seed-major: the four variants' seed 0 come first, so a sweep stopped part-way holds comparable runs
+    order = [c[c.index("--seed") + 1] for c in commands]
+    assert order == ["0"] * 4 + ["3"] * 4
     flags = {shlex.join(c[c.index("--seed") + 2:c.index("--checkpoint")]) for c in commands}
     assert flags == {"", "--no-pretrain", "--no-rehearsal --no-guidance", "--guidance jsrl"}
     assert "report.py --runs" in text and "--bootstrap 100" in text
