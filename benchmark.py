@@ -18,8 +18,10 @@ Example (writes a markdown table too):
 Side by side (--compare A B): two configurations of the update stages, each in its own long-lived process, take
 turns update by update (A B, B A, A B, ...), so both see the same load; the table gives each one's median and the
 ratio B/A. A configuration is comma-separated key=value pairs: ref (a git commit whose pretrain_wm.py and
-finetune_gsa.py are measured; default: the working tree), precision (fp32, bf16) and threads:
+finetune_gsa.py are measured; default: the working tree), precision (fp32, bf16), threads and compile (0, 1: the
+training scripts' --compile):
     python benchmark.py --stages finetune --sizes xs --threads 1 --updates 20 --compare ref=HEAD~1 ref=.
+    python benchmark.py --stages pretrain finetune --sizes xs --threads 1 --warmup 3 --compare compile=0 compile=1
 
 On a GPU (per-update time and peak GPU memory; refused with a clear message where torch sees no CUDA device):
     python benchmark.py --device cuda --stages pretrain finetune --sizes s paper --precision bf16 fp32
@@ -66,9 +68,13 @@ class Args:
     """synthetic episodes in the retrieval benchmark"""
     device: str = "cpu"
     """cpu or cuda (cuda: times include a device synchronisation; peak GPU memory is reported too)"""
+    compile: bool = False
+    """torch.compile the update loops' steps, as the training scripts' --compile (the first updates compile; keep
+    --warmup at 2 or more so that they stay untimed)"""
     compare: list[str] = field(default_factory=list)
     """two configurations A B measured side by side, update by update, e.g. `ref=HEAD~1 ref=.` or
-    `precision=fp32 precision=bf16` (keys: ref, precision, threads); reports the medians and B/A"""
+    `precision=fp32 precision=bf16` or `compile=0 compile=1` (keys: ref, precision, threads, compile); reports the
+    medians and B/A"""
     out: Optional[str] = None
     """also write the table (markdown) and the raw numbers (.json beside it) here"""
     one: Optional[str] = None
@@ -81,7 +87,7 @@ class Args:
 
 ENV_TASKS = ("cartpole-balance", "acrobot-swingup", "walker-walk", "cheetah-run", "quadruped-walk", "mw-reach")
 UPDATE_STAGES = ("pretrain", "finetune")
-SPEC_KEYS = ("ref", "precision", "threads")
+SPEC_KEYS = ("ref", "precision", "threads", "compile")
 
 
 def fail(message: str):
@@ -149,7 +155,7 @@ def bench_env(args: Args, size: str) -> dict:
     return out
 
 
-def pretrain_update(size: str, device: str, precision: str):
+def pretrain_update(size: str, device: str, precision: str, compile_loops: bool = False):
     """(update function, facts) for one world-model update of pretrain_wm.py at a size on a fixed batch."""
     import torch
     import pretrain_wm as P
@@ -160,6 +166,8 @@ def pretrain_update(size: str, device: str, precision: str):
     cfg = P.size_config(size)
     B, T = P.SIZES[size]["batch_size"], P.SIZES[size]["seq_len"]
     wm = P.WorldModel(cfg).to(device)
+    if compile_loops:
+        wm.rssm.filter_step = P.compile_step(wm.rssm.filter_step, torch.device(device).type)
     opt = torch.optim.Adam(wm.parameters(), lr=1e-4, eps=1e-5, weight_decay=1e-6)
     pargs = P.Args(out_dir="-", data_dir="-", size=size)
     g = torch.Generator().manual_seed(0)
@@ -211,11 +219,13 @@ def finetune_agent(size: str, device: str, precision: str, action_dim: int = 6):
     return agent, finetune_batch(B, T, action_dim, online_rows=B - round(0.25 * B), device=device)
 
 
-def finetune_update(size: str, device: str, precision: str):
+def finetune_update(size: str, device: str, precision: str, compile_loops: bool = False):
     """(update function, facts) for one full update of finetune_gsa.py (world model, actor, critic) at a size."""
     import finetune_gsa as F
 
     agent, batch = finetune_agent(size, device, precision)
+    if compile_loops:
+        agent.compile_loops()
     preset = F.AGENT_SIZES[size]
 
     def update() -> dict:
@@ -229,7 +239,7 @@ def finetune_update(size: str, device: str, precision: str):
 
 
 def bench_pretrain(args: Args, size: str) -> dict:
-    update, facts = pretrain_update(size, args.device, args.precision[0])
+    update, facts = pretrain_update(size, args.device, args.precision[0], args.compile)
     wall, cpu = timed(update, args.updates, args.warmup, args.device)
     return {"precision": args.precision[0], **facts, "s_per_update": wall, "cpu_s_per_update": cpu,
             "updates_per_s": 1 / wall}
@@ -239,7 +249,7 @@ def bench_finetune(args: Args, size: str) -> dict:
     import torch
     import finetune_gsa as F
 
-    update, facts, agent = finetune_update(size, args.device, args.precision[0])
+    update, facts, agent = finetune_update(size, args.device, args.precision[0], args.compile)
     wall, cpu = timed(update, args.updates, args.warmup, args.device)
     A = agent.action_dim
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -322,7 +332,11 @@ def serve(args: Args) -> None:
 
     stage, size = args.serve.split(":")
     torch.set_num_threads(args.threads)
-    made = (pretrain_update if stage == "pretrain" else finetune_update)(size, args.device, args.precision[0])
+    try:
+        made = (pretrain_update if stage == "pretrain" else finetune_update)(size, args.device, args.precision[0],
+                                                                             args.compile)
+    except AttributeError as e:  # an older ref without compile_step / compile_loops
+        fail(f"--compare: this code cannot run the configuration ({e})")
     update, facts = made[0], made[1]
     first = update()  # the first update's losses: equal on both sides when they compute the same thing
     for _ in range(args.warmup - 1):
@@ -340,7 +354,7 @@ def serve(args: Args) -> None:
 
 
 def parse_spec(text: str, args: Args) -> dict:
-    spec = {"ref": None, "precision": args.precision[0], "threads": args.threads}
+    spec = {"ref": None, "precision": args.precision[0], "threads": args.threads, "compile": args.compile}
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
         if not sep or key not in SPEC_KEYS:
@@ -354,6 +368,10 @@ def parse_spec(text: str, args: Args) -> dict:
         spec["threads"] = int(spec["threads"])
     except ValueError:
         fail(f"--compare: threads must be an integer in {text!r}")
+    flags = {"0": False, "1": True, "false": False, "true": True, False: False, True: True}
+    if spec["compile"] not in flags:
+        fail(f"--compare: compile must be 0 or 1 in {text!r}")
+    spec["compile"] = flags[spec["compile"]]
     spec["label"] = text
     return spec
 
@@ -377,7 +395,8 @@ def checkout(ref: str, into: Path) -> str:
 class Worker:
     def __init__(self, args: Args, spec: dict, stage: str, size: str, code_dir: Optional[Path]):
         cmd = [sys.executable, __file__, "--serve", f"{stage}:{size}", "--threads", str(spec["threads"]),
-               "--precision", spec["precision"], "--warmup", str(max(1, args.warmup)), "--device", args.device]
+               "--precision", spec["precision"], "--warmup", str(max(1, args.warmup)), "--device", args.device,
+               "--compile" if spec["compile"] else "--no-compile"]
         if code_dir is not None:
             cmd += ["--code-dir", str(code_dir)]
         self.label = spec["label"]

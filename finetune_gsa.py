@@ -125,6 +125,10 @@ class Args:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """matmul/conv precision of the updates: auto = bf16 autocast on GPU and on a CPU with AVX512-BF16 or AMX
     (0.7x the fp32 update time there, same learning: README, Speed), fp32 on other CPUs (bf16 is slower)"""
+    compile: bool = False
+    """torch.compile the steps of the update's two sequential loops (filtering, imagination); on a GPU with CUDA
+    graphs. The same computation (to float rounding). Measured on this project's CPU: no gain worth its minute of
+    compiling; on GPUs unmeasured (README, Speed)"""
     resume: bool = False
     """continue the run in --out-dir from its ckpt.pt (required to reuse an existing run directory)"""
     init_from: Optional[str] = None
@@ -604,15 +608,30 @@ class Agent(nn.Module):
         """Roll the prior from posterior start states with the actor. The actor sees detached features;
         its actions keep their graph, so returns backpropagate through the learned dynamics into the actor.
         Returns feats [H+1, N, F] and the actor's entropy [H, N] (task action dims only)."""
-        rssm, state = self.wm.rssm, start
-        feats, ents = [rssm.get_feat(state)], []
+        state = start
+        feats, ents = [self.wm.rssm.get_feat(state)], []
         for _ in range(horizon):
-            mean, std = self.actor(feats[-1].detach())
-            action = actor_sample(mean, std) * self.act_mask
-            ents.append((actor_entropy(std) * self.act_mask).sum(-1))
-            state = rssm.img_step(state, action)
-            feats.append(rssm.get_feat(state))
+            state, feat, ent = self.imagine_step(state, feats[-1])
+            feats.append(feat)
+            ents.append(ent)
         return torch.stack(feats), torch.stack(ents)
+
+    def imagine_step(self, state: dict, feat: torch.Tensor):
+        """One imagined step: the actor acts on the detached features, the prior rolls on -> (state, its
+        features, the actor's entropy [N]). The unit that --compile compiles."""
+        mean, std = self.actor(feat.detach())
+        action = actor_sample(mean, std) * self.act_mask
+        entropy = (actor_entropy(std) * self.act_mask).sum(-1)
+        state = self.wm.rssm.img_step(state, action)
+        return state, self.wm.rssm.get_feat(state), entropy
+
+    def compile_loops(self) -> None:
+        """--compile: the update's two sequential loops run compiled steps (compile_step); call after .to(device).
+        Acting is left eager (one state at a time, a different shape)."""
+        device_type = self.bins.device.type
+        self.imagine_step = compile_step(self.imagine_step, device_type)
+        self.wm.rssm.filter_step = compile_step(self.wm.rssm.filter_step, device_type)
+        self.mark_step = device_type == "cuda"  # CUDA graphs: tell each update's start apart from the last's
 
     def world_model_loss(self, batch: dict):
         """Eq. 1 on online and rehearsal rows plus the reward head's two-hot loss on online rows only (D_r
@@ -672,6 +691,8 @@ class Agent(nn.Module):
         FloatingPointError before any weight changes. Returns a dict of python floats."""
         B, T = batch["action"].shape[:2]
         t0 = time.perf_counter()
+        if getattr(self, "mark_step", False):
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast():
             wm_loss, reward_loss, wm_metrics, post = self.world_model_loss(batch)
         for opt in self.optimizers().values():
@@ -1344,7 +1365,7 @@ def prepare(args: Args) -> Setup:
 
 
 # Settings a --resume may change; every other setting must equal the run's own (sweep.py uses the same rule).
-RESUME_MAY_DIFFER = {"resume", "env_steps", "threads", "device", "precision", "out_dir", "eval_every",
+RESUME_MAY_DIFFER = {"resume", "env_steps", "threads", "device", "precision", "compile", "out_dir", "eval_every",
                      "eval_episodes", "checkpoint_every", "video", "track", "wandb_project_name", "wandb_entity"}
 
 
@@ -1451,6 +1472,8 @@ def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
         except RuntimeError as e:
             fail(f"--init-from {args.init_from}: its world model or actor does not fit this run's "
                  f"({str(e).strip().splitlines()[0][:200]}...)")
+    if args.compile:
+        agent.compile_loops()
     return agent
 
 
@@ -1715,7 +1738,8 @@ def main(args: Args) -> None:
     agent = build_agent(args, setup, env.action_dim)
     print(f"[finetune] {args.task} ({env.embodiment}, {env.action_dim} action dims), size {setup.size}, variant "
           f"{variant_name(args)}, world model {sum(p.numel() for p in agent.wm.parameters()) / 1e6:.2f}M params, "
-          f"device {setup.device}, {'bf16' if uses_bf16(args.precision, setup.device.type) else 'fp32'}, out {out_dir}")
+          f"device {setup.device}, {'bf16' if uses_bf16(args.precision, setup.device.type) else 'fp32'}"
+          f"{', compiled loops' if args.compile else ''}, out {out_dir}")
 
     # 1. Retrieval of D_r (Eq. 4), then the run directory (only now: every input has been checked).
     use_retrieval = use_guidance or setup.use_rehearsal
@@ -2437,6 +2461,21 @@ class Decoder(nn.Module):
         return x.reshape(*lead, *x.shape[1:])
 
 
+def compile_step(step, device_type: str):
+    """--compile: torch.compile one step of a sequential loop (observe's filtering step, an imagination step), so
+    that each step runs as one compiled graph instead of dozens of small kernels. On a GPU the mode is
+    reduce-overhead (CUDA graphs: one launch per step); on a CPU inductor's default (C++ kernels, needs a compiler).
+    Random ops keep torch's own kernels (fallback_random): the samples follow the seed as in eager mode, and the
+    results match eager mode to float rounding. A step that cannot be compiled runs eagerly (suppress_errors: a
+    warning, no crash)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(step, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
+
+
 class RSSM(nn.Module):
     """Recurrent state-space model (DreamerV3). State: h (deter) and z (stoch, one-hot [S, C]) + logits.
 
@@ -2554,6 +2593,12 @@ class RSSM(nn.Module):
         post = self._post(prior["deter"], self.obs_out_embed(embed))
         return post, prior
 
+    def filter_step(self, state: dict, keep: torch.Tensor, action_in: torch.Tensor, embed_proj: torch.Tensor):
+        """One step of observe's loop: h_t from the previous state (zeroed where keep is 0, an episode start),
+        then the posterior. The unit that --compile compiles (one graph per step instead of ~40 kernels)."""
+        deter = self._core(state["deter"] * keep, state["stoch"] * keep.unsqueeze(-1), action_in)
+        return self._post(deter, embed_proj)
+
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
                 state: dict | None = None):
         """Filter a batch of sequences: embed [B, T, E], action [B, T, A], is_first [B, T] -> (post, prior)."""
@@ -2565,9 +2610,7 @@ class RSSM(nn.Module):
         embed_proj = self.obs_out_embed(embed)
         posts = []
         for t in range(T):
-            k = keep[:, t, None]
-            deter = self._core(state["deter"] * k, state["stoch"] * k.unsqueeze(-1), action_in[:, t])
-            state = self._post(deter, embed_proj[:, t])
+            state = self.filter_step(state, keep[:, t, None], action_in[:, t], embed_proj[:, t])
             posts.append(state)
         post = {key: torch.stack([p[key] for p in posts], 1) for key in posts[0]}
         prior_logits = self.prior_logits(post["deter"])  # the prior shares h_t with the posterior

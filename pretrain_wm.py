@@ -70,6 +70,9 @@ class Args:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """matmul/conv precision of the updates: auto = bf16 autocast on GPU, fp32 on CPU (at xs, bf16 pre-training
     is slower even with AVX512-BF16; at s and up such a CPU runs it about 1.3x faster: README, Speed)"""
+    compile: bool = False
+    """torch.compile the step of the world model's filtering loop; on a GPU with CUDA graphs. The same computation
+    (to float rounding); measured on this project's CPU: no gain; on GPUs unmeasured (README, Speed)"""
     resume: bool = False
     """continue the run in --out-dir from its wm.pt (required to reuse a run directory that holds one); the
     data and the run-defining args must be the same"""
@@ -530,6 +533,21 @@ class Decoder(nn.Module):
         return x.reshape(*lead, *x.shape[1:])
 
 
+def compile_step(step, device_type: str):
+    """--compile: torch.compile one step of a sequential loop (observe's filtering step, an imagination step), so
+    that each step runs as one compiled graph instead of dozens of small kernels. On a GPU the mode is
+    reduce-overhead (CUDA graphs: one launch per step); on a CPU inductor's default (C++ kernels, needs a compiler).
+    Random ops keep torch's own kernels (fallback_random): the samples follow the seed as in eager mode, and the
+    results match eager mode to float rounding. A step that cannot be compiled runs eagerly (suppress_errors: a
+    warning, no crash)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(step, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
+
+
 class RSSM(nn.Module):
     """Recurrent state-space model (DreamerV3). State: h (deter) and z (stoch, one-hot [S, C]) + logits.
 
@@ -647,6 +665,12 @@ class RSSM(nn.Module):
         post = self._post(prior["deter"], self.obs_out_embed(embed))
         return post, prior
 
+    def filter_step(self, state: dict, keep: torch.Tensor, action_in: torch.Tensor, embed_proj: torch.Tensor):
+        """One step of observe's loop: h_t from the previous state (zeroed where keep is 0, an episode start),
+        then the posterior. The unit that --compile compiles (one graph per step instead of ~40 kernels)."""
+        deter = self._core(state["deter"] * keep, state["stoch"] * keep.unsqueeze(-1), action_in)
+        return self._post(deter, embed_proj)
+
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
                 state: dict | None = None):
         """Filter a batch of sequences: embed [B, T, E], action [B, T, A], is_first [B, T] -> (post, prior)."""
@@ -658,9 +682,7 @@ class RSSM(nn.Module):
         embed_proj = self.obs_out_embed(embed)
         posts = []
         for t in range(T):
-            k = keep[:, t, None]
-            deter = self._core(state["deter"] * k, state["stoch"] * k.unsqueeze(-1), action_in[:, t])
-            state = self._post(deter, embed_proj[:, t])
+            state = self.filter_step(state, keep[:, t, None], action_in[:, t], embed_proj[:, t])
             posts.append(state)
         post = {key: torch.stack([p[key] for p in posts], 1) for key in posts[0]}
         prior_logits = self.prior_logits(post["deter"])  # the prior shares h_t with the posterior
@@ -1128,6 +1150,8 @@ def main(args: Args):
 
     # -- model and optimiser --------------------------------------------------------------------------------
     world_model = WorldModel(cfg).to(device)
+    if args.compile:
+        world_model.rssm.filter_step = compile_step(world_model.rssm.filter_step, device.type)
     n_params = sum(p.numel() for p in world_model.parameters())
     optimizer = torch.optim.Adam(world_model.parameters(), lr=args.lr, eps=args.adam_eps,
                                  weight_decay=args.weight_decay, fused=True)  # fused: one kernel, CPU and GPU
@@ -1179,7 +1203,8 @@ def main(args: Args):
     log(f"{SCRIPT}: {args.size} world model, {n_params / 1e6:.2f}M parameters; embodiments {embodiments}; "
         f"{len(train_rows)} train / {sum(len(v) for v in held_rows.values())} held-out episodes; pool "
         f"{pool.slots} episodes; batch {batch_size} x {seq_len} x {world_size} process(es); device {device} "
-        f"({'bf16 autocast' if autocast_dtype is not None else 'fp32'}); step {step}/{args.steps}")
+        f"({'bf16 autocast' if autocast_dtype is not None else 'fp32'}{', compiled loop' if args.compile else ''}); "
+        f"step {step}/{args.steps}")
 
     def save_checkpoint():
         nonlocal saved_step

@@ -254,7 +254,7 @@ def test_padded_action_dims_stay_zero():
 # Parity with pretrain_wm.py (the shared classes are verbatim copies)
 # ---------------------------------------------------------------------------------------------------------
 
-SHARED = ("ModelConfig", "_trunc_normal_init", "BlockLinear", "ChannelNorm", "Encoder", "Decoder", "RSSM",
+SHARED = ("ModelConfig", "_trunc_normal_init", "compile_step", "BlockLinear", "ChannelNorm", "Encoder", "Decoder", "RSSM",
           "WorldModel")
 
 

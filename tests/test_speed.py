@@ -113,3 +113,64 @@ def test_pretrain_update_matches_reference(reference, size):
         states.append(wm.state_dict())
     assert firsts[1] == pytest.approx(firsts[0], rel=RTOL, abs=ATOL)
     assert_states_close(states[1], states[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --compile: the loops' steps compiled (torch.compile), the same computation
+# ---------------------------------------------------------------------------------------------------------
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_loops_compute_the_same_update():
+    """Agent.compile_loops (finetune_gsa.py --compile) and pretrain_wm.py's compiled filtering step: the first
+    update's losses and every parameter after 3 updates match eager mode to float rounding (random ops run
+    torch's own kernels, so the latent and action samples are the same ones)."""
+    eager_first, eager_state = run_updates(make_agent(ft.Agent, ft, "tiny"), "tiny", n=3)
+    before = compiled_graphs()
+    agent = make_agent(ft.Agent, ft, "tiny")
+    agent.compile_loops()
+    first, state = run_updates(agent, "tiny", n=3)
+    assert compiled_graphs() >= before + 2, "the two loop steps were not compiled"
+    for name in ("wm_loss", "reward_loss", "actor_loss", "critic_loss"):
+        assert first[name] == pytest.approx(eager_first[name], rel=RTOL, abs=ATOL), name
+    assert_states_close(state, eager_state)
+
+    losses, states = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        wm = pw.WorldModel(pw.size_config("tiny"))
+        if compiled:
+            wm.rssm.filter_step = pw.compile_step(wm.rssm.filter_step, "cpu")
+        opt = torch.optim.Adam(wm.parameters(), lr=1e-4, eps=1e-5, weight_decay=1e-6)
+        batch = finetune_batch(4, 8, 6, seed=2)
+        torch.manual_seed(1)
+        losses.append([float(pw.train_step(wm, opt, {k: batch[k] for k in ("image", "action", "is_first")},
+                                           pw.Args(out_dir="-", data_dir="-", size="tiny"))["loss"])
+                       for _ in range(3)])
+        states.append(wm.state_dict())
+    assert losses[1] == pytest.approx(losses[0], rel=RTOL, abs=ATOL)
+    assert_states_close(states[1], states[0])
+
+
+def test_compile_without_a_working_compiler_falls_back_to_eager(monkeypatch):
+    """A CPU without a usable C++ compiler: the compiled step fails to build, runs eagerly instead (a warning, no
+    crash) and computes what eager mode computes."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a cached kernel would need no compiler
+    torch._dynamo.reset()
+    try:
+        eager_first, eager_state = run_updates(make_agent(ft.Agent, ft, "tiny"), "tiny", n=2)
+        agent = make_agent(ft.Agent, ft, "tiny")
+        agent.compile_loops()
+        first, state = run_updates(agent, "tiny", n=2)
+    finally:
+        torch._dynamo.reset()
+    for name in ("wm_loss", "reward_loss", "actor_loss", "critic_loss"):
+        assert first[name] == pytest.approx(eager_first[name], rel=RTOL, abs=ATOL), name
+    assert_states_close(state, eager_state)
