@@ -27,9 +27,12 @@ Evidence per task (every task, whatever the seed counts):
   * GSA minus each other variant: the difference of the mean final scores (the scores above), with a 95%
     percentile bootstrap CI that resamples each variant's seeds independently (10,000 resamples, seeded by
     --seed); under 2 seeds on either side, the difference alone, and "CI needs 2+ seeds per variant";
-  * diagnostics of the learner over env frames: (a) the actor's entropy, (b) the imagined reward per step
-    against the real reward per agent step of the training episodes, (c) the critic's value of each evaluation's
-    first frame against the discounted return those episodes earned (mean over seeds thick, each seed thin);
+  * diagnostics of the learner over env frames: (a) the actor's entropy, (b) the imagined reward per step from
+    online starts against the real reward per agent step over all training episodes so far (what those starts
+    are drawn from) and in each training episode, (c) the critic's value of each evaluation's first frame against
+    the discounted return those episodes earned (mean over seeds thick, each seed thin). Panel (b) compares
+    averages over different states; whether the model is optimistic on the states the policy itself reaches is
+    results/imagination_probe.py's question;
   * a film strip of one GSA evaluation episode (the lowest seed's latest evaluation video).
 
 Reads:  <run>/args.json and <run>/metrics.jsonl for every run given (or every run one level below a dir); where
@@ -571,8 +574,12 @@ def gsa_differences(task: str, by_variant: dict, seed: int) -> dict:
 def read_training_logs(run: dict, args: Args) -> dict:
     """What the run logged per training episode, cut at --max-env-steps, as {name: (env frames [N], values [N])}:
     "entropy" (train.jsonl: the actor's entropy in imagination), "imag_reward" (train.jsonl: the reward head's mean
-    reward per imagined step) and "real_reward" (episodes.jsonl: return / length, the reward per agent step the
-    environment paid). A log the run lacks (older runs) or whose records lack a key is absent from the dict."""
+    reward per imagined step, all starts), "imag_online" (the same from the starts in online rows:
+    imag_reward_online_starts where the run rehearses, else imag_reward, whose starts are all online),
+    "real_reward" (episodes.jsonl: return / length, the reward per agent step the environment paid in each
+    training episode) and "replay_reward" (the reward per agent step over all training episodes so far: what the
+    online starts of imagination are drawn from, the prior's episodes included). A log the run lacks (older runs)
+    or whose records lack a key is absent from the dict."""
     logs = {}
     for name, keys in (("train", ("entropy", "imag_reward")), ("episodes", ("return", "length"))):
         path = Path(run["dir"]) / f"{name}.jsonl"
@@ -588,8 +595,13 @@ def read_training_logs(run: dict, args: Args) -> dict:
         steps = np.array([r["env_steps"] for r in records], float)
         if name == "train":
             logs.update({k: (steps, np.array([r[k] for r in records], float)) for k in keys})
+            logs["imag_online"] = (steps, np.array([r.get("imag_reward_online_starts", r["imag_reward"])
+                                                    for r in records], float))
         else:
-            logs["real_reward"] = (steps, np.array([r["return"] / max(r["length"], 1) for r in records], float))
+            returns = np.array([r["return"] for r in records], float)
+            lengths = np.array([max(r["length"], 1) for r in records], float)
+            logs["real_reward"] = (steps, returns / lengths)
+            logs["replay_reward"] = (steps, np.cumsum(returns) / np.cumsum(lengths))
     return logs
 
 
@@ -607,8 +619,8 @@ def seed_mean(series: list) -> tuple:
 def plot_diagnostics(task: str, by_variant: dict, logs: dict, notes: list) -> bytes:
     """PNG bytes of one task's diagnostics over env frames, one colour per variant (a thick line: the mean over
     seeds, where every seed has data; thin faint lines: each seed; no band): (a) the actor's entropy, (b) the
-    reward head's imagined reward per step (solid) against the real reward per agent step of the training
-    episodes (dashed), (c) the critic's value of each evaluation's first frame (solid) against the discounted
+    reward head's imagined reward per step from online starts (solid) against the real reward per agent step over
+    the online replay so far (dotted: what those starts are drawn from) and in each training episode (dashed), (c) the critic's value of each evaluation's first frame (solid) against the discounted
     return those episodes earned (dashed). logs: {run dir: read_training_logs}. Panels (b) and (c) start their
     y-axis at 0 (rewards and returns of these tasks are not negative; a zoomed axis would magnify a small gap);
     (a) does not: a Gaussian's entropy is a differential entropy, whose zero means nothing."""
@@ -619,9 +631,10 @@ def plot_diagnostics(task: str, by_variant: dict, logs: dict, notes: list) -> by
     panels = [  # (axes, title, y label, [(measure, line style)], where the measures come from)
         (axes[0], "(a) the actor's entropy in imagination (train.jsonl)",
          "actor entropy (nats, summed over action dims)", [("entropy", "-")], "train.jsonl"),
-        (axes[1], "(b) reward per agent step: imagined by the reward head (solid)\nvs paid by the env in the training "
-                  "episodes, warm-up included (dashed)",
-         "reward per agent step", [("imag_reward", "-"), ("real_reward", "--")], "train.jsonl or episodes.jsonl"),
+        (axes[1], "(b) reward per agent step on online states: imagined from replay\nstarts (solid), paid in the "
+                  "replay so far (dotted), in each episode (dashed)",
+         "reward per agent step", [("imag_online", "-"), ("replay_reward", ":"), ("real_reward", "--")],
+         "train.jsonl or episodes.jsonl"),
         (axes[2], "(c) evaluations: the critic's value of the first frame (solid)\nvs the discounted return the "
                   "episodes earned (dashed)",
          "value / discounted return", [("value_first", "-"), ("return_discounted", "--")],
@@ -674,8 +687,9 @@ def plot_diagnostics(task: str, by_variant: dict, logs: dict, notes: list) -> by
         ax.set_xlim(left=0)
         if len(measures) > 1:
             ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
-            names = {"imag_reward": "imagined (train.jsonl imag_reward)",
-                     "real_reward": "real (episodes.jsonl return / length)",
+            names = {"imag_online": "imagined from online starts (train.jsonl)",
+                     "replay_reward": "real, all training episodes so far (where the starts come from)",
+                     "real_reward": "real, each training episode (episodes.jsonl return / length)",
                      "value_first": "critic's value (eval_value_first)",
                      "return_discounted": "discounted return (eval_return_discounted)"}
             handles += [Line2D([], [], color="black", linestyle=style, label=names[key]) for key, style in measures]

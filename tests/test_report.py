@@ -399,10 +399,18 @@ def test_training_logs_and_seed_mean(tmp_path):
     logs = report.read_training_logs({"dir": str(run)}, args_for([run], tmp_path / "o"))
     np.testing.assert_allclose(logs["entropy"][1], [2.0, 1.5, 1.0])
     np.testing.assert_allclose(logs["real_reward"][1], [0.2, 0.4, 0.6])  # return / length
+    np.testing.assert_allclose(logs["replay_reward"][1], [0.2, 0.3, 0.4])  # all episodes so far: 600 / 1500 at the end
+    np.testing.assert_allclose(logs["imag_online"][1], [0.5, 0.5, 0.5])  # no rehearsal: every start is online
+    lines = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
+    lines[1]["imag_reward_online_starts"] = 0.25  # a rehearsing run logs its online starts' share
+    (run / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    logs = report.read_training_logs({"dir": str(run)}, args_for([run], tmp_path / "o"))
+    np.testing.assert_allclose(logs["imag_online"][1], [0.5, 0.25, 0.5])
     cut = report.read_training_logs({"dir": str(run)}, args_for([run], tmp_path / "o", max_env_steps=2000))
     np.testing.assert_allclose(cut["imag_reward"][0], [1000, 2000])
     (run / "train.jsonl").unlink()
-    assert set(report.read_training_logs({"dir": str(run)}, args_for([run], tmp_path / "o"))) == {"real_reward"}
+    assert set(report.read_training_logs({"dir": str(run)}, args_for([run], tmp_path / "o"))) == {"real_reward",
+                                                                                                  "replay_reward"}
     r = report.read_run(run, args_for([run], tmp_path / "o"))
     np.testing.assert_allclose(r["value_first"], [0.1, 0.2, 0.3])
     # the mean over seeds covers only the span every seed has: frames 5 to 10 here
