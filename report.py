@@ -39,7 +39,8 @@ Reads:  <run>/args.json and <run>/metrics.jsonl for every run given (or every ru
         present, <run>/train.jsonl, <run>/episodes.jsonl and <run>/videos/eval-<env frames>.mp4 (older runs lack
         them: their panels or film strip are left out, and report.md says which).
 Writes: <out-dir>/curves-<task>.png (mean over seeds, a bootstrap band where there are 2+ seeds, one line per
-        variant; the random-action level when the runs' episodes.jsonl hold random warm-up episodes),
+        variant; the random-action level when the runs' episodes.jsonl hold random warm-up episodes; on
+        Meta-World a second panel with the shaped return),
         <out-dir>/diagnostics-<task>.png (the three panels above), <out-dir>/filmstrip-<task>.png (tasks with a
         GSA run that saved a video), <out-dir>/performance-profile.png, <out-dir>/probability-of-improvement.png
         (rliable's plots; the latter only with GSA runs and runs of another variant on a task in common),
@@ -358,11 +359,12 @@ def performance_profile(taus: np.ndarray):
     return profile
 
 
-def curve(runs: list, grid: np.ndarray, reps: int, conf: float = 0.95):
-    """Mean over seeds on `grid` and its bootstrap band (rliable). Each seed is interpolated linearly between
-    its evaluations, holds its last value after its last one and is missing (NaN) before its first one; where
-    a resample holds no seed evaluated yet, the band has a gap."""
-    values = np.stack([np.interp(grid, r["steps"], r["value"], left=np.nan) for r in runs])  # [seeds, G]
+def curve(runs: list, grid: np.ndarray, reps: int, key: str = "value", conf: float = 0.95):
+    """Mean over seeds of each run's `key` series (its score by default) on `grid` and its bootstrap band
+    (rliable). Each seed is interpolated linearly between its evaluations, holds its last value after its last
+    one and is missing (NaN) before its first one; where a resample holds no seed evaluated yet, the band has a
+    gap."""
+    values = np.stack([np.interp(grid, r["steps"], r[key], left=np.nan) for r in runs])  # [seeds, G]
     mean, (lo, hi) = interval_estimates({"curve": [values]}, lambda v: np.nanmean(v, axis=0), reps, conf)["curve"]
     return mean, lo, hi
 
@@ -405,36 +407,41 @@ def png_bytes(fig) -> bytes:
 def plot_task(task: str, by_variant: dict, args: Args) -> bytes:
     """PNG bytes of one task's learning curves: per variant the mean over seeds, with a 95% bootstrap band
     only where there are 2+ seeds (a band over one seed is not a band); the random-policy level where the runs
-    logged random-action episodes; the y-axis starts at 0 (and ends at 1 for success rates)."""
-    fig, ax = pyplot().subplots(figsize=(6, 4))
-    for variant, runs in by_variant.items():
-        first = min(r["steps"][0] for r in runs)
-        last = max(r["steps"][-1] for r in runs)
-        grid = np.linspace(first, last, args.grid_points) if last > first else np.array([first])
-        mean, lo, hi = curve(runs, grid, args.bootstrap)
-        colour = variant_colour(variant)
-        ax.plot(grid, mean, color=colour, marker="o" if len(grid) == 1 else None,
-                label=f"{LABELS.get(variant, variant)} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-        if len(runs) > 1:
-            ax.fill_between(grid, lo, hi, color=colour, alpha=0.2, linewidth=0)
+    logged random-action episodes; the y-axis starts at 0 (and ends at 1 for success rates). Meta-World tasks
+    get two panels: the success rate and the shaped return (which moves before any success does)."""
+    metaworld = is_metaworld(task)
+    panels = [("value", "success" if metaworld else "return")] + ([("eval_return", "return")] if metaworld else [])
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     random_level = random_policy_level([r for runs in by_variant.values() for r in runs], args.success_key)
-    level = None if random_level is None else random_level.get("success" if is_metaworld(task) else "return")
-    if level is not None:
-        ax.axhline(level, color="tab:grey", linestyle="-.", linewidth=1,
-                   label=f"random actions ({random_level['episodes']} episodes)")
-    if args.paper_reference and task in PAPER_150K:
-        gsa, dreamer = PAPER_150K[task]
-        ax.axhline(gsa, color="black", linestyle="--", linewidth=1, label="paper GSA @150k")
-        ax.axhline(dreamer, color="grey", linestyle=":", linewidth=1, label="paper DreamerV3 @150k")
-    ax.set_xlabel("env steps (frames)")
-    ax.set_ylabel(f"success rate ({'end' if args.success_key == 'eval_success' else 'any step'})"
-                  if is_metaworld(task) else "episode return")
-    ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=1.05 if is_metaworld(task) else None)
     seeds = {len(runs) for runs in by_variant.values()}
-    ax.set_title(f"{task}: " + ("1 seed per variant, no band" if seeds == {1} else
-                                "mean over seeds, 95% bootstrap band (2+ seeds)"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, (key, kind) in zip(axes[0], panels):
+        for variant, runs in by_variant.items():
+            first = min(r["steps"][0] for r in runs)
+            last = max(r["steps"][-1] for r in runs)
+            grid = np.linspace(first, last, args.grid_points) if last > first else np.array([first])
+            mean, lo, hi = curve(runs, grid, args.bootstrap, key)
+            colour = variant_colour(variant)
+            ax.plot(grid, mean, color=colour, marker="o" if len(grid) == 1 else None,
+                    label=f"{LABELS.get(variant, variant)} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+            if len(runs) > 1:
+                ax.fill_between(grid, lo, hi, color=colour, alpha=0.2, linewidth=0)
+        level = None if random_level is None else random_level.get(kind)
+        if level is not None:
+            ax.axhline(level, color="tab:grey", linestyle="-.", linewidth=1,
+                       label=f"random actions ({random_level['episodes']} episodes)")
+        if args.paper_reference and task in PAPER_150K and key == "value":
+            gsa, dreamer = PAPER_150K[task]
+            ax.axhline(gsa, color="black", linestyle="--", linewidth=1, label="paper GSA @150k")
+            ax.axhline(dreamer, color="grey", linestyle=":", linewidth=1, label="paper DreamerV3 @150k")
+        ax.set_xlabel("env steps (frames)")
+        ax.set_ylabel(f"success rate ({'end' if args.success_key == 'eval_success' else 'any step'})"
+                      if kind == "success" else "shaped episode return" if metaworld else "episode return")
+        ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=1.05 if kind == "success" else None)
+        ax.set_title(f"{task}, {'success' if kind == 'success' else 'return'}: "
+                     + ("1 seed per variant, no band" if seeds == {1} else
+                        "mean over seeds, 95% bootstrap band (2+ seeds)"), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return png_bytes(fig)
 

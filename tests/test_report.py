@@ -326,6 +326,9 @@ def test_evidence_files_and_per_seed_table(tmp_path):
     for name in ("diagnostics-walker-run", "diagnostics-mw-reach", "filmstrip-walker-run"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "filmstrip-mw-reach.png").exists()
+    from PIL import Image  # Meta-World curves: success and shaped return side by side, twice as wide
+    widths = {t: Image.open(out / f"curves-{t}.png").size[0] for t in ("walker-run", "mw-reach")}
+    assert widths["mw-reach"] == 2 * widths["walker-run"]
     assert report.latest_eval_video({"dir": str(gsa[0])}, None)[0] == 30000
     assert report.latest_eval_video({"dir": str(gsa[0])}, 25000)[0] == 20000  # --max-env-steps holds for videos
 

@@ -27,6 +27,8 @@
 #   bash results/evidence/run.sh
 #   DRY_RUN=1 bash results/evidence/run.sh         # print the commands and each run's state, run nothing
 #   RUN_ARGS="--precision fp32" bash results/evidence/run.sh     # a learner setting for all runs
+#   PARTIAL=1 bash results/evidence/run.sh          # while (or after) runs are going: report on the runs so far and
+#                                                   # copy their small files here, starting nothing
 # At the end it copies each run's small files (args.json, metrics/train/episodes .jsonl, retrieval.json) into
 # results/evidence/runs/<run>/ and the report into results/evidence/report/, for committing.
 set -euo pipefail
@@ -43,9 +45,29 @@ K=${K:-20}
 WORKERS=${WORKERS:-2}
 RUN_ARGS=${RUN_ARGS:-}           # more finetune_gsa.py flags for every run (the learner's settings)
 DRY_RUN=${DRY_RUN:-0}
+PARTIAL=${PARTIAL:-0}
 say() { echo "[evidence $(date +%T)] $*"; }
 run() { if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 
+copy_small_files() {  # each run's small files -> results/evidence/runs/<run>/, the report -> results/evidence/report/
+    local here=results/evidence run_dir name f
+    for run_dir in "$EXP"/runs/*/; do
+        name=$(basename "$run_dir"); mkdir -p "$here/runs/$name"
+        for f in args.json metrics.jsonl train.jsonl episodes.jsonl retrieval.json bc.json; do
+            [ -f "$run_dir/$f" ] && cp "$run_dir/$f" "$here/runs/$name/"
+        done
+    done
+    rm -rf "$here/report" && cp -r "$EXP/report" "$here/report"
+}
+if [ "$PARTIAL" = 1 ]; then  # runs with at least one evaluation; unfinished ones report their latest
+    mapfile -t done_runs < <(for d in "$EXP"/runs/*/; do [ -s "$d/metrics.jsonl" ] && echo "$d"; done)
+    [ ${#done_runs[@]} -gt 0 ] || { say "no run has evaluated yet"; exit 1; }
+    run $PY report.py --runs "${done_runs[@]}" --out-dir "$EXP/report" --paper-reference
+    [ "$DRY_RUN" = 1 ] && exit 0
+    copy_small_files
+    say "partial report: $EXP/report/report.md (copied to results/evidence/report)"
+    exit 0
+fi
 mkdir -p "$EXP"
 if [ ! -f "$EXP/index/index.faiss" ] || [ ! -f "$EXP/pretrain/.done-$PRETRAIN_STEPS" ]; then
     say "collect -> $EXP/data (skips the episodes already there)"
@@ -69,12 +91,5 @@ run $PY sweep.py --out-dir "$EXP" --tasks $TASKS --variants $VARIANTS --seeds $S
     --finetune-args="--eval-every 5000 --eval-episodes 10 --k $K --guidance-schedule scaled $RUN_ARGS" \
     --report-args="--paper-reference" $dry
 [ "$DRY_RUN" = 1 ] && exit 0
-here=results/evidence
-for run_dir in "$EXP"/runs/*/; do
-    name=$(basename "$run_dir"); mkdir -p "$here/runs/$name"
-    for f in args.json metrics.jsonl train.jsonl episodes.jsonl retrieval.json; do
-        [ -f "$run_dir/$f" ] && cp "$run_dir/$f" "$here/runs/$name/"
-    done
-done
-rm -rf "$here/report" && cp -r "$EXP/report" "$here/report"
-say "done: $EXP/report/report.md (copied to $here/report, small run files to $here/runs)"
+copy_small_files
+say "done: $EXP/report/report.md (copied to results/evidence/report, small run files to results/evidence/runs)"
