@@ -627,8 +627,9 @@ def plot_diagnostics(task: str, by_variant: dict, logs: dict, notes: list) -> by
     """PNG bytes of one task's diagnostics over env frames, one colour per variant (a thick line: the mean over
     seeds, where every seed has data; thin faint lines: each seed; no band): (a) the actor's entropy, (b) the
     reward head's imagined reward per step from online starts (solid) against the real reward per agent step over
-    the online replay so far (dotted: what those starts are drawn from) and in each training episode (dashed), (c) the critic's value of each evaluation's first frame (solid) against the discounted
-    return those episodes earned (dashed). logs: {run dir: read_training_logs}. Panels (b) and (c) start their
+    the online replay so far (dotted: what those starts are drawn from) and in each training episode (dashed),
+    (c) the critic's value of each evaluation's first frame (solid) against the discounted return those episodes
+    earned (dashed). logs: {run dir: read_training_logs}. Panels (b) and (c) start their
     y-axis at 0 (rewards and returns of these tasks are not negative; a zoomed axis would magnify a small gap);
     (a) does not: a Gaussian's entropy is a differential entropy, whose zero means nothing."""
     from matplotlib.lines import Line2D

@@ -111,7 +111,8 @@ def main(args: Args) -> None:
     results = [probe(Path(r), args) for r in args.runs]
     lines = [f"Reward per step over {args.horizon} steps from t0 in {args.starts}, the last {args.episodes} training "
              "episodes each run's RL policy drove alone (mean over episodes and starts):", "",
-             "| run | windows | real | recorded actions | actor (samples) | actor (mode) | random actions | zero actions |",
+             "| run | windows | real | recorded actions | actor (samples) | actor (mode) | random actions "
+             "| zero actions |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         lines.append(f"| {r['run']} | {r['windows']} | {r['real']:.2f} | {r['recorded']:.2f} | {r['actor']:.2f} | "
