@@ -43,7 +43,12 @@ Choices worth knowing:
   * --init-from RUN (task adaptation, Sec. 4.2) starts from an earlier run of the same embodiment: its world model
     and actor, fresh reward head, critics, return scale and optimisers; the earlier runs' online episodes are
     retrieval candidates beside the offline ones (in memory: the index files are not changed), encoded, like the
-    query, by the pre-trained encoder the index was built with.
+    query, by the pre-trained encoder the index was built with. With --no-pretrain it chains runs learned from
+    scratch instead (nothing is retrieved).
+  * --packnet is the paper's adaptation baseline: PackNet (class PackNet) packs the tasks of a sequence into the
+    actor's weights, each task training only the weights the earlier ones left free, with the critic fresh per
+    task. The paper does not say which world model its PackNet agent used; results/adaptation runs it with
+    --no-pretrain (a world model learned along the sequence, no offline data).
   * --resume restores weights, optimisers, return normalisation, counters, RNG states and the online replay
     (replay/*.npz), but a simulator's state cannot be saved: the resumed train env is rebuilt with seed
     seed + 1000 * episodes, so episodes after a resume differ from those of an uninterrupted run.
@@ -135,7 +140,17 @@ class Args:
     """task adaptation (Sec. 4.2): start from an earlier fine-tuning run directory of the same embodiment and model
     size: its world model and actor are loaded, the reward head, critics, return scale and optimisers start
     fresh, and its online episodes (and those of the runs it started from) join the offline episodes that
-    retrieval and rehearsal draw from, without their rewards. With --resume, it must name the run's own"""
+    retrieval and rehearsal draw from, without their rewards. With --no-pretrain it continues an earlier
+    --no-pretrain run (a world model learned along the sequence). With --resume, it must name the run's own"""
+    packnet: bool = False
+    """PackNet on the actor (the paper's Sec. 4.2 baseline): this task trains only the actor weights that earlier
+    tasks left free, keeps the largest --packnet-keep of them at --packnet-prune-at and frees the rest for later
+    tasks (class PackNet). Without --init-from the run is the sequence's first task; with it, the earlier run
+    must have used --packnet and pruned"""
+    packnet_keep: float = 0.5
+    """fraction of the free actor weights this task keeps at its pruning (1 / tasks left gives equal shares)"""
+    packnet_prune_at: float = 0.8
+    """prune once this fraction of --env-steps is collected; the kept weights retrain for the rest"""
     track: bool = False
     """also log the config and every TensorBoard scalar to Weights & Biases (needs `pip install wandb`;
     WANDB_MODE=offline keeps the run on disk)"""
@@ -224,7 +239,8 @@ ARG_RANGES = {
     "train_ratio": (1e-6, None), "warmup_frames": (0, None), "train_after_episodes": (1, None),
     "bc_steps": (1, None), "eval_every": (1, None), "eval_episodes": (1, None), "checkpoint_every": (1, None),
     "max_episode_steps": (1, None), "discount": (0.0, 1.0), "return_lambda": (0.0, 1.0),
-    "entropy_scale": (0.0, None), "actor_lr": (1e-8, 1.0), "critic_lr": (1e-8, 1.0), "wm_lr": (1e-8, 1.0),
+    "entropy_scale": (0.0, None), "packnet_keep": (1e-3, 1.0), "packnet_prune_at": (0.0, 1.0),
+    "actor_lr": (1e-8, 1.0), "critic_lr": (1e-8, 1.0), "wm_lr": (1e-8, 1.0),
     "bc_lr": (1e-8, 1.0),
 }
 
@@ -562,6 +578,75 @@ def train_bc(prior: BCPrior, episodes: list, max_steps: int, batch: int, lr: flo
     return curve
 
 # ----------------------------------------------------------------------------------------------------------
+# PackNet (Mallya & Lazebnik 2018) on the actor: the task-adaptation baseline of Sec. 4.2 (--packnet)
+# ----------------------------------------------------------------------------------------------------------
+
+class PackNet:
+    """The paper's continual-learning baseline (Sec. 4.2: "iteratively prunes actor parameters while preserving
+    important weights (with larger magnitude) for previous skills"), on the actor only. Every weight of the actor's
+    linear layers belongs to one task of the sequence or is free. Task t trains only the weights that are free
+    when it starts (the earlier tasks' stay exactly as they were). At its pruning point it keeps the `keep`
+    fraction of them with the largest magnitude, layer by layer, as its own, zeroes the others and leaves them
+    free for the next tasks, then retrains its own for the rest of its frames. Pruning is PackNet's, by weight
+    only: the LayerNorm gains and biases and the output bias (1% of the actor at xs) are trained by the first task
+    and then fixed, as PackNet fixes biases after its first task.
+
+    owner: {parameter name: int16 tensor of its shape}, 0 = free, t = task t of the sequence (the first is 1).
+    Agent.update calls mask_grads before clipping and restore after the optimiser step, so Adam's momentum
+    cannot move a weight that is not this task's either."""
+
+    def __init__(self, actor: nn.Module, task: int, keep: float, owner: Optional[dict] = None, pruned: bool = False):
+        self.params = dict(actor.named_parameters())
+        self.task, self.keep, self.pruned = task, keep, pruned
+        self.owner = owner if owner is not None else {
+            name: torch.zeros_like(p, dtype=torch.int16) for name, p in self.params.items() if self.packed(p)}
+        self.owner = {name: o.to(self.params[name].device) for name, o in self.owner.items()}
+        self._freeze_the_rest()
+
+    @staticmethod
+    def packed(p: torch.Tensor) -> bool:
+        return p.dim() == 2  # the linear layers' weights
+
+    def _freeze_the_rest(self) -> None:
+        """Which entries this task may change now, and the values every other entry keeps."""
+        mine = self.task if self.pruned else 0  # before pruning: the free weights; after: the task's own
+        self.trainable = {name: (self.owner[name] == mine) if name in self.owner
+                          else torch.full_like(p, self.task == 1, dtype=torch.bool)
+                          for name, p in self.params.items()}
+        self.fixed = {name: p.detach().clone() for name, p in self.params.items()}
+
+    def mask_grads(self) -> None:
+        for name, p in self.params.items():
+            if p.grad is not None:
+                p.grad.mul_(self.trainable[name])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(torch.where(self.trainable[name], p, self.fixed[name]))
+
+    @torch.no_grad()
+    def prune(self) -> dict:
+        """Keep the largest-magnitude `keep` fraction of the free weights of each layer as this task's; zero the
+        rest (they stay free). -> {layer: (weights kept, weights left free)}."""
+        counts = {}
+        for name, owner in self.owner.items():
+            p = self.params[name]
+            free = (owner == 0).flatten().nonzero().squeeze(1)
+            n_keep = int(round(self.keep * free.numel()))
+            kept = free[p.flatten()[free].abs().topk(n_keep).indices]
+            owner.view(-1)[kept] = self.task
+            p.masked_fill_(owner == 0, 0.0)
+            counts[name] = (n_keep, free.numel() - n_keep)
+        self.pruned = True
+        self._freeze_the_rest()
+        return counts
+
+    def state(self) -> dict:
+        return {"task": self.task, "keep": self.keep, "pruned": self.pruned,
+                "owner": {name: o.cpu() for name, o in self.owner.items()}}
+
+# ----------------------------------------------------------------------------------------------------------
 # The agent: world model + reward head + actor-critic; one update = world model, actor, critic
 # ----------------------------------------------------------------------------------------------------------
 
@@ -593,6 +678,7 @@ class Agent(nn.Module):
         self.wm_opt = torch.optim.Adam(self.wm_params, lr=wm_lr, eps=1e-5, weight_decay=1e-6)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=actor_lr, eps=1e-5)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic_lr, eps=1e-5)
+        self.packnet: Optional[PackNet] = None  # --packnet: which actor weights this task may change
 
     def autocast(self):
         """bf16 autocast for the forward passes of an update (--precision); backward runs outside it."""
@@ -708,6 +794,8 @@ class Agent(nn.Module):
                 actor_loss, critic_loss, ac_metrics = self.behavior_loss(start, online)
             actor_loss.backward(inputs=actor_params, retain_graph=True)
             critic_loss.backward(inputs=critic_params)
+        if self.packnet is not None:
+            self.packnet.mask_grads()
         norms = {"wm_grad_norm": nn.utils.clip_grad_norm_(self.wm_params, 100.0),
                  "actor_grad_norm": nn.utils.clip_grad_norm_(actor_params, 100.0),
                  "critic_grad_norm": nn.utils.clip_grad_norm_(critic_params, 100.0)}
@@ -723,6 +811,8 @@ class Agent(nn.Module):
             raise FloatingPointError(f"non-finite {', '.join(bad)}")
         for opt in self.optimizers().values():
             opt.step()
+        if self.packnet is not None:
+            self.packnet.restore()
         with torch.no_grad():  # slow critic: EMA with fraction 0.02 per update
             for p_slow, p in zip(self.slow_critic.parameters(), self.critic.parameters()):
                 p_slow.lerp_(p, 0.02)
@@ -1251,17 +1341,19 @@ def save_checkpoint(path: Path, agent: Agent, prior: Optional[BCPrior], bc_opt_d
 # ----------------------------------------------------------------------------------------------------------
 
 def variant_name(args: Args) -> str:
-    """The ablation's name, as report.py groups runs (tests keep the two in agreement)."""
-    if args.no_pretrain:
-        return "no-pretrain"  # DreamerV3 from scratch
-    if args.no_rehearsal and args.no_guidance:
-        return "pretrain-only"  # pre-trained world model, naive fine-tuning
-    if args.no_guidance:
-        return "no-guidance"
+    """The ablation's name, as report.py groups runs (tests keep the two in agreement); "-packnet" with --packnet."""
     jsrl = args.guidance == "jsrl"
-    if args.no_rehearsal:
-        return "no-rehearsal" + ("-jsrl" if jsrl else "")
-    return "jsrl" if jsrl else "gsa"
+    if args.no_pretrain:
+        name = "no-pretrain"  # DreamerV3 from scratch
+    elif args.no_rehearsal and args.no_guidance:
+        name = "pretrain-only"  # pre-trained world model, naive fine-tuning
+    elif args.no_guidance:
+        name = "no-guidance"
+    elif args.no_rehearsal:
+        name = "no-rehearsal" + ("-jsrl" if jsrl else "")
+    else:
+        name = "jsrl" if jsrl else "gsa"
+    return name + ("-packnet" if args.packnet else "")
 
 
 @dataclass
@@ -1296,8 +1388,6 @@ def prepare(args: Args) -> Setup:
     if args.task not in TASK_NAMES:
         fail(f"unknown task {args.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
     check_ranges(args)
-    if args.init_from is not None and args.no_pretrain:
-        fail("--init-from starts from an earlier run's world model and --no-pretrain from a fresh one; drop one")
     wandb = import_wandb(args.track)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -1393,7 +1483,7 @@ def run_preset(resume: dict, out_dir: Path) -> dict:
     return {}
 
 
-def load_init_run(args: Args, size: str, cfg: "ModelConfig", wm_sha: str) -> tuple[dict, list]:
+def load_init_run(args: Args, size: str, cfg: "ModelConfig", wm_sha: Optional[str]) -> tuple[dict, list]:
     """--init-from (task adaptation, Sec. 4.2): the earlier run's checkpoint, checked against this run (same
     embodiment and action dims, same size and world-model config, same pre-trained checkpoint, so that the index
     still fits), and the earlier runs whose online episodes become retrieval candidates: the ones the earlier run
@@ -1417,19 +1507,33 @@ def load_init_run(args: Args, size: str, cfg: "ModelConfig", wm_sha: str) -> tup
         fail(f"--init-from {init_dir} learned {then} ({embodiment_of(then)}, {task_action_dim(then)} action dims) "
              f"but {args.task} is a {embodiment_of(args.task)} task ({task_action_dim(args.task)} action dims); a "
              f"run carries over only to tasks of its own embodiment")
+    then_scratch = bool((init.get("args") or {}).get("no_pretrain"))
+    if then_scratch and not args.no_pretrain:
+        fail(f"--init-from {init_dir} was learned from scratch (--no-pretrain); start a task from a run that "
+             f"fine-tuned {args.checkpoint}, or continue its sequence from scratch too (--no-pretrain)")
+    if args.no_pretrain and not then_scratch:
+        fail(f"--init-from {init_dir} fine-tuned a pre-trained world model, but --no-pretrain continues a sequence "
+             f"learned from scratch; drop --no-pretrain, or start from a --no-pretrain run")
+    packnet = init.get("packnet")
+    if args.packnet and packnet is None:
+        fail(f"--packnet --init-from {init_dir}: that run did not use --packnet, so no actor weight is marked as "
+             f"an earlier task's; start the PackNet sequence from a --packnet run (or without --init-from)")
+    if args.packnet and not packnet["pruned"]:
+        fail(f"--packnet --init-from {init_dir}: that run stopped before its pruning point (--packnet-prune-at), "
+             f"so its task owns no weights yet; finish it first (--resume)")
     if init.get("size") != size:
         fail(f"--init-from {init_dir} is a run of size {init.get('size')!r}, this run is of size {size!r} (--size, "
              f"or the size of {args.checkpoint}); the world model and actor would not fit")
     if dict(init["model_config"]) != asdict(cfg):
         got, want = dict(init["model_config"]), asdict(cfg)
-        fail(f"--init-from {init_dir} holds a world model of another configuration than {args.checkpoint}'s: "
+        fail(f"--init-from {init_dir} holds a world model of another configuration than this run's "
+             f"({f'--no-pretrain, size {size}' if args.no_pretrain else args.checkpoint}): "
              + ", ".join(f"{k}: earlier run {got.get(k)} vs {want.get(k)}" for k in sorted(set(got) | set(want))
                          if got.get(k) != want.get(k)))
-    if (init.get("args") or {}).get("no_pretrain"):
-        fail(f"--init-from {init_dir} was learned from scratch (--no-pretrain); start a task from a run that "
-             f"fine-tuned {args.checkpoint}, or learn this task from scratch too")
     then_sha = init.get("wm_sha256")
-    if then_sha is None:
+    if args.no_pretrain:
+        pass  # no pre-trained checkpoint on either side
+    elif then_sha is None:
         print(f"[finetune] note: {path} does not record its pre-trained checkpoint; assuming {args.checkpoint}")
     elif then_sha != wm_sha:
         fail(f"--init-from {init_dir} fine-tuned another pre-trained checkpoint (sha256 {then_sha[:16]}...) than "
@@ -1441,7 +1545,7 @@ def load_init_run(args: Args, size: str, cfg: "ModelConfig", wm_sha: str) -> tup
               f"{init['args']['env_steps']} frames; starting from its last checkpoint")
     experience = [dict(run) for run in init.get("experience") or []]
     experience.append({"run": str(init_dir.resolve()), "task": then, "episodes": episodes})
-    for run in experience:
+    for run in [] if args.no_pretrain else experience:  # from scratch nothing is retrieved
         gone = [p for p in (replay_path(Path(run["run"]), i) for i in range(int(run["episodes"]))) if not p.is_file()]
         if gone:
             fail(f"{gone[0]} is missing ({len(gone)} of the {run['episodes']} online episodes of the earlier "
@@ -1472,6 +1576,13 @@ def build_agent(args: Args, setup: Setup, action_dim: int) -> Agent:
         except RuntimeError as e:
             fail(f"--init-from {args.init_from}: its world model or actor does not fit this run's "
                  f"({str(e).strip().splitlines()[0][:200]}...)")
+    if args.packnet and setup.resume is None:  # a resumed run gets its own back in restore()
+        earlier = (setup.init or {}).get("packnet")
+        agent.packnet = PackNet(agent.actor, task=earlier["task"] + 1 if earlier else 1, keep=args.packnet_keep,
+                                owner=earlier["owner"] if earlier else None)
+        if not any(bool(o.eq(0).any()) for o in agent.packnet.owner.values()):
+            fail(f"--packnet --init-from {args.init_from}: the earlier tasks own every actor weight (one of them "
+                 f"kept all its free weights, --packnet-keep 1.0), so this task has none left to learn with")
     if args.compile:
         agent.compile_loops()
     return agent
@@ -1607,6 +1718,8 @@ def restore(setup: Setup, agent: Agent, np_rng, online: SequenceReplay, counters
         getattr(agent, name).load_state_dict(ckpt[name])
     for name, opt in agent.optimizers().items():
         opt.load_state_dict(ckpt["optimizers"][name])
+    if ckpt.get("packnet") is not None:  # after the actor's weights: the fixed ones are read from them
+        agent.packnet = PackNet(agent.actor, **ckpt["packnet"])
     set_rng_state(ckpt["rng"], np_rng)
     for i in range(counters["episodes"]):
         online.add(load_episode(replay_path(setup.out_dir, i)))
@@ -1766,6 +1879,7 @@ def main(args: Args) -> None:
                          "guidance": {"start": g_start, "end": g_end, "frames": g_frames}, "wm_sha256": setup.wm_sha,
                          # task adaptation: the earlier runs (for the next --init-from) and D_r's online rows
                          "experience": setup.experience,
+                         "packnet": agent.packnet.state() if agent.packnet is not None else None,
                          "retrieved_online": [r for r, _ in pairs if r.get("source") == "online"]})
 
     if counters["episodes"] == 0:
@@ -1802,6 +1916,13 @@ def main(args: Args) -> None:
             means = {}
             if counters["train_origin"] >= 0:
                 means = train_updates(agent, online, offline, setup, counters, np_rng)
+            if agent.packnet is not None and not agent.packnet.pruned \
+                    and counters["env_frames"] >= args.packnet_prune_at * args.env_steps:
+                counts = agent.packnet.prune()
+                kept, left = sum(k for k, _ in counts.values()), sum(f for _, f in counts.values())
+                logs.scalars({"packnet/weights_kept": kept, "packnet/weights_free": left}, counters["env_frames"])
+                print(f"[packnet] task {agent.packnet.task} pruned at {counters['env_frames']} frames: it keeps {kept} "
+                      f"actor weights and leaves {left} free for later tasks; the kept ones retrain from here")
             if means:
                 bad = agent.diverged()
                 if bad:

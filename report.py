@@ -115,7 +115,7 @@ class Args:
 VARIANTS = ("gsa", "jsrl", "no-rehearsal", "no-guidance", "pretrain-only", "no-pretrain")
 LABELS = {"gsa": "GSA", "jsrl": "GSA, JSRL-style guidance", "no-rehearsal": "GSA w/o rehearsal",
           "no-guidance": "GSA w/o guidance", "pretrain-only": "pre-train + naive fine-tune",
-          "no-pretrain": "DreamerV3 (from scratch)"}
+          "no-pretrain": "DreamerV3 (from scratch)", "no-pretrain-packnet": "DreamerV3 + PackNet"}
 # Paper results at 150k samples, (GSA, DreamerV3): DMControl return, Meta-World success rate (the paper's tables).
 PAPER_150K = {
     "walker-run": (728, 224), "walker-walk": (959, 809), "quadruped-walk": (934, 145),
@@ -135,18 +135,21 @@ def is_metaworld(task: str) -> bool:
 
 
 def variant_name(run_args: dict) -> str:
-    """Variant of a finetune_gsa.py run from its flags (missing flags take finetune_gsa.py's defaults)."""
+    """Variant of a finetune_gsa.py run from its flags (missing flags take finetune_gsa.py's defaults); a PackNet
+    run's name ends in "-packnet"."""
     guidance = run_args.get("guidance", "window")
-    if run_args.get("no_pretrain", False):
-        return "no-pretrain"  # DreamerV3 from scratch: no checkpoint, hence no retrieval, rehearsal, guidance
-    if run_args.get("no_rehearsal", False) and run_args.get("no_guidance", False):
-        return "pretrain-only"
-    if run_args.get("no_guidance", False):
-        return "no-guidance"
     suffix = "" if guidance == "window" else f"-{guidance}"
-    if run_args.get("no_rehearsal", False):
-        return "no-rehearsal" + suffix
-    return "gsa" if guidance == "window" else "jsrl" if guidance == "jsrl" else f"gsa{suffix}"
+    if run_args.get("no_pretrain", False):
+        name = "no-pretrain"  # DreamerV3 from scratch: no checkpoint, hence no retrieval, rehearsal, guidance
+    elif run_args.get("no_rehearsal", False) and run_args.get("no_guidance", False):
+        name = "pretrain-only"
+    elif run_args.get("no_guidance", False):
+        name = "no-guidance"
+    elif run_args.get("no_rehearsal", False):
+        name = "no-rehearsal" + suffix
+    else:
+        name = "gsa" if guidance == "window" else "jsrl" if guidance == "jsrl" else f"gsa{suffix}"
+    return name + ("-packnet" if run_args.get("packnet", False) else "")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -151,7 +151,9 @@ def _scratch(ckpt):
     ("other pre-training", "another pre-trained checkpoint"),
     ("from scratch", "learned from scratch"),
     ("lost episode", "ep-000001.npz is missing"),
-    ("with no-pretrain", "--init-from .* and --no-pretrain"),
+    ("with no-pretrain", "fine-tuned a pre-trained world model, but --no-pretrain"),
+    ("packnet from a plain run", "that run did not use --packnet"),
+    ("packnet before pruning", "stopped before its pruning point"),
 ])
 def test_bad_input_is_named_and_writes_nothing(tmp_path, artifacts, stand, case, pattern):
     out, kw = tmp_path / "out", {}
@@ -179,6 +181,11 @@ def test_bad_input_is_named_and_writes_nothing(tmp_path, artifacts, stand, case,
     elif case == "lost episode":
         init = tampered(tmp_path, stand)
         (init / "replay" / "ep-000001.npz").unlink()
+    elif case == "packnet from a plain run":
+        init, kw = stand, {"packnet": True}
+    elif case == "packnet before pruning":
+        init = tampered(tmp_path, stand, packnet={"task": 1, "keep": 0.5, "pruned": False, "owner": {}})
+        kw = {"packnet": True}
     else:
         init, kw = stand, {"no_pretrain": True}
     before = digest(init) if init.exists() else None
@@ -197,3 +204,80 @@ def test_command_line_refusal_exits_non_zero(tmp_path, artifacts):
     res = subprocess.run([sys.executable, str(ROOT / "finetune_gsa.py"), "--task", "walker-walk", "--init-from",
                           str(empty), "--out-dir", str(out), *flags], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode != 0 and "holds no ckpt.pt" in res.stderr and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PackNet (--packnet), the paper's adaptation baseline
+# ---------------------------------------------------------------------------------------------------------
+
+def test_packnet_prune_keeps_the_largest_weights_and_later_tasks_leave_them_alone():
+    torch.manual_seed(0)
+    actor = ft.Actor(8, 3, units=16, layers=1)
+    first = ft.PackNet(actor, task=1, keep=0.25)
+    assert set(first.owner) == {"net.body.0.weight", "net.out.weight"}  # linear weights only
+    before = {k: v.detach().clone() for k, v in actor.named_parameters()}
+    counts = first.prune()
+    for name, owner in first.owner.items():
+        w, kept = before[name].abs(), owner == 1
+        assert int(kept.sum()) == round(0.25 * w.numel()) == counts[name][0]
+        assert w[kept].min() >= w[~kept].max()  # by magnitude
+        after = dict(actor.named_parameters())[name]
+        assert torch.equal(after[kept], before[name][kept]) and not after[~kept].any()  # the rest zeroed, free
+
+    second = ft.PackNet(actor, task=2, keep=0.5, owner=first.state()["owner"])
+    opt = torch.optim.Adam(actor.parameters(), lr=0.1)
+    snapshot = {k: v.detach().clone() for k, v in actor.named_parameters()}
+    for _ in range(3):  # Adam's momentum would keep moving masked weights without restore()
+        opt.zero_grad()
+        sum(out.square().sum() for out in actor(torch.randn(5, 8))).backward()  # mean and std
+        second.mask_grads()
+        opt.step()
+        second.restore()
+    for name, p in actor.named_parameters():
+        if name in second.owner:
+            old = second.owner[name] == 1
+            assert torch.equal(p[old], snapshot[name][old])  # task 1's weights are untouched
+            assert (p[~old] != 0).all()  # the free ones learned task 2
+        else:
+            assert torch.equal(p, snapshot[name])  # norms and biases: fixed after the first task
+    free_before = {n: int((o == 0).sum()) for n, o in second.owner.items()}
+    second.prune()
+    for name, owner in second.owner.items():
+        assert int((owner == 2).sum()) == round(0.5 * free_before[name])
+        assert int((owner == 1).sum()) == int((first.owner[name] == 1).sum())
+
+
+def test_packnet_sequence_from_scratch_keeps_the_earlier_tasks_weights(tmp_path, artifacts):
+    """--no-pretrain --packnet, then --init-from it: the second task changes only weights the first left free."""
+    flags = dict(no_pretrain=True, packnet=True, env_steps=120, **artifacts)
+    first, second = tmp_path / "stand", tmp_path / "walk"
+    run_main(task="walker-stand", out_dir=str(first), packnet_keep=0.5, packnet_prune_at=0.5, **flags)
+    one = torch.load(first / "ckpt.pt", weights_only=True)
+    assert one["packnet"]["pruned"] and one["packnet"]["task"] == 1
+    for name, owner in one["packnet"]["owner"].items():  # the pruned weights stayed 0 while the rest retrained
+        assert int((owner == 1).sum()) == round(0.5 * owner.numel()) and not one["actor"][name][owner == 0].any()
+    run_main(task="walker-stand", out_dir=str(first), packnet_keep=0.5, packnet_prune_at=0.5, resume=True,
+             **{**flags, "env_steps": 160})  # resumed after pruning: the masks come back from ckpt.pt
+    more = torch.load(first / "ckpt.pt", weights_only=True)
+    assert more["counters"]["updates"] > one["counters"]["updates"]
+    for name, owner in one["packnet"]["owner"].items():
+        assert torch.equal(more["packnet"]["owner"][name], owner) and not more["actor"][name][owner == 0].any()
+    one = more
+    run_main(task="walker-walk", out_dir=str(second), init_from=str(first), packnet_keep=1.0, **flags)
+    two = torch.load(second / "ckpt.pt", weights_only=True)
+    assert two["packnet"]["task"] == 2 and two["packnet"]["pruned"]
+    assert two["counters"]["updates"] > 0
+    changed = 0
+    for name, value in two["actor"].items():
+        if name in one["packnet"]["owner"]:
+            owner = one["packnet"]["owner"][name]
+            assert torch.equal(value[owner == 1], one["actor"][name][owner == 1]), name
+            assert torch.equal(two["packnet"]["owner"][name][owner == 1], owner[owner == 1])
+            assert (two["packnet"]["owner"][name][owner == 0] == 2).all()  # keep 1.0: all the rest is task 2's
+            changed += int((value[owner == 0] != 0).sum())
+        else:
+            assert torch.equal(value, one["actor"][name]), name
+    assert changed > 0
+    assert not all(torch.equal(two["critic"][k], v) for k, v in one["critic"].items())  # the critic is fresh
+    assert json.loads((second / "args.json").read_text())["init_from"] == str(first)
+    assert ft.variant_name(ft.Args(task="walker-walk", no_pretrain=True, packnet=True)) == "no-pretrain-packnet"

@@ -48,6 +48,8 @@ def test_variant_names():
     assert v({"no_guidance": True}) == "no-guidance"
     assert v({"no_guidance": True, "guidance": "jsrl"}) == "no-guidance"  # the guidance kind is moot
     assert v({"no_rehearsal": True, "no_guidance": True}) == "pretrain-only"
+    assert v({"no_pretrain": True, "packnet": True}) == "no-pretrain-packnet"
+    assert v({"packnet": True}) == "gsa-packnet"
 
 
 def column(*values):
@@ -269,10 +271,10 @@ def test_variant_names_agree_with_finetune():
 
     import finetune_gsa
 
-    for no_pretrain, no_rehearsal, no_guidance, guidance in itertools.product(
-            (False, True), (False, True), (False, True), ("window", "jsrl")):
+    for no_pretrain, no_rehearsal, no_guidance, guidance, packnet in itertools.product(
+            (False, True), (False, True), (False, True), ("window", "jsrl"), (False, True)):
         flags = dict(no_pretrain=no_pretrain, no_rehearsal=no_rehearsal, no_guidance=no_guidance,
-                     guidance=guidance)
+                     guidance=guidance, packnet=packnet)
         args = finetune_gsa.Args(task="walker-walk", **flags)
         assert finetune_gsa.variant_name(args) == report.variant_name(flags), flags
 

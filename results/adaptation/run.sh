@@ -9,6 +9,11 @@
 #   adapt    GSA, task i --init-from task i-1 (the sequence)       -> $EXP/adapt/<task>-s<seed>
 #   scratch  DreamerV3 from scratch, each task on its own          -> $EXP/scratch/<task>-s<seed>
 #   gsa      GSA from the pre-trained model, each task on its own  -> $EXP/gsa/<task>-s<seed>
+#   packnet  the paper's baseline: DreamerV3 + PackNet on the actor -> $EXP/packnet/<task>-s<seed>
+#            (--no-pretrain --packnet, task i --init-from task i-1: world model and actor carried over, the
+#            actor's weights packed task by task, critic fresh; task i of N keeps 1/(N-i+1) of the weights left
+#            free, so that every task gets an equal share. The paper does not say which world model its PackNet
+#            agent had; this one learns it along the sequence without offline data)
 # The variants run side by side (one thread each); within a variant the tasks run in order. Everything lives
 # under EXP (default ~/experiments/adaptation), outside the checkout; re-running the script resumes unfinished
 # runs and skips finished ones (a run is finished once it has evaluated at FRAMES).
@@ -17,6 +22,7 @@
 # size-xs world model pre-trained for 2000 updates, three tasks of 20k frames each.
 #   bash results/adaptation/run.sh
 #   TASKS="quadruped-stand quadruped-walk" FRAMES=10000 bash results/adaptation/run.sh
+#   VARIANTS="adapt scratch packnet" bash results/adaptation/run.sh     # with the PackNet baseline (+50% time)
 # A smoke test of the script itself (minutes): tiny sizes, short episodes:
 #   EXP=/tmp/adapt-smoke EPISODES=2 EXPLORER_STEPS=300 COLLECT_ARGS="--explorer-stages 1" SIZE=tiny \
 #     PRETRAIN_STEPS=6 K=10 FRAMES=80 FINETUNE_ARGS="--max-episode-steps 20 --no-video" bash results/adaptation/run.sh
@@ -25,9 +31,8 @@
 # "a small world model" on the Ant (quadruped) domain only and gives no size; size s and 200k updates below are
 # this repository's choice, as is 2000 quadruped episodes (a fifth of the paper's 10k DMControl episodes):
 #   EPISODES=2000 EXPLORER_STEPS=500000 WORKERS=16 SIZE=s PRETRAIN_STEPS=200000 K=500 FRAMES=300000 \
-#     GUIDANCE=paper THREADS= TASKS="quadruped-stand quadruped-walk quadruped-run quadruped-jump quadruped-roll \
-#     quadruped-roll-fast" bash results/adaptation/run.sh
-# PackNet (the paper's baseline) is not implemented.
+#     GUIDANCE=paper THREADS= VARIANTS="adapt packnet scratch" TASKS="quadruped-stand quadruped-walk \
+#     quadruped-run quadruped-jump quadruped-roll quadruped-roll-fast" bash results/adaptation/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -70,7 +75,8 @@ $PY pretrain_wm.py --data-dir "$EXP/data" --out-dir "$EXP/pretrain" --embodiment
     --data-dir "$EXP/data" --out-dir "$EXP/index" "${threads[@]}" >> "$EXP/logs/index.log" 2>&1
 
 sequence() {  # sequence <variant>: the tasks in order
-  local variant=$1 previous="" task out flags
+  local variant=$1 previous="" task out flags i=0 n
+  n=$(wc -w <<< "$TASKS")
   for task in $TASKS; do
     out="$EXP/$variant/$task-s$SEED"
     flags=()
@@ -78,8 +84,11 @@ sequence() {  # sequence <variant>: the tasks in order
       adapt) [ -n "$previous" ] && flags=(--init-from "$previous") ;;
       scratch) flags=(--no-pretrain) ;;
       gsa) ;;
-      *) echo "unknown variant $variant (adapt, scratch, gsa)" >&2; return 1 ;;
+      packnet) flags=(--no-pretrain --packnet --packnet-keep "$(awk -v i=$i -v n=$n 'BEGIN { printf "%.6f", 1 / (n - i) }')")
+               [ -n "$previous" ] && flags+=(--init-from "$previous") ;;
+      *) echo "unknown variant $variant (adapt, scratch, gsa, packnet)" >&2; return 1 ;;
     esac
+    i=$((i + 1))
     if finished "$out"; then
       stamp "$variant $task: finished, skipped"
     else
@@ -107,7 +116,7 @@ $PY - "$EXP" "$FRAMES" "$SEED" $TASKS <<'EOF' | tee "$EXP/summary.md"
 import json, sys
 from pathlib import Path
 exp, frames, seed, tasks = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-variants = [v for v in ("adapt", "gsa", "scratch") if (exp / v).is_dir()]
+variants = [v for v in ("adapt", "gsa", "packnet", "scratch") if (exp / v).is_dir()]
 print(f"| task | " + " | ".join(f"{v} last / best" for v in variants) + " |")
 print("| --- |" + " --- |" * len(variants))
 for task in tasks:
