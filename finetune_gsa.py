@@ -1464,8 +1464,12 @@ def resume_differences(saved: dict, args: Args, preset: Optional[dict] = None) -
     not], the preset flags left unset now that keep the run's own value: the flag it was given, else the value its
     size preset had when it ran, `preset`). So a run keeps its train ratio, batch and the rest when the presets
     change between versions, and runs older than a flag's preset default (which saved a fixed default, e.g.
-    critic_lr 8e-5) resume with it; an unset preset flag is never a difference."""
+    critic_lr 8e-5) resume with it; an unset preset flag is never a difference. A flag the run's version did not
+    have yet (absent from its saved settings) counts as its default, whose behaviour that version had (so runs
+    from before --packnet resume)."""
     preset = preset or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     inherited = {k: saved[k] if saved.get(k) is not None else preset[k] for k in PRESET_FLAGS
                  if getattr(args, k) is None and (saved.get(k) is not None or k in preset)}
     diff = [f"{k} ({saved.get(k)!r} there, {getattr(args, k)!r} now)" for k in asdict(args)

@@ -176,6 +176,12 @@ def test_sweep_applies_finetunes_resume_rule(tmp_path):
     diff = finetune_gsa.resume_differences(other, now)[0]
     assert diff == ["entropy_scale (0.0003 there, 0.0001 now)"] and sweep.differences(tmp_path, now) == [
         f"{tmp_path}: {diff[0]}"]
+    # A run from a version without a flag (--packnet and its two knobs came later) resumes as if it had the
+    # default; the flag given with another value is a difference.
+    older = {k: v for k, v in old.items() if not k.startswith("packnet")}
+    assert finetune_gsa.resume_differences(older, now)[0] == []
+    packnet = dataclasses.replace(now, packnet=True)
+    assert finetune_gsa.resume_differences(older, packnet)[0] == ["packnet (False there, True now)"]
 
 
 def test_a_failed_run_is_named_and_the_others_are_reported(tmp_path, artifacts):
