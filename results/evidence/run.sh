@@ -6,8 +6,14 @@
 #   gsa      pre-trained world model + experience rehearsal + execution guidance
 #   scratch  DreamerV3 from scratch (--no-pretrain)
 #   naive    pre-trained world model, naive fine-tuning (--no-rehearsal --no-guidance)
-# Task: mw-drawer-open (primary; the data holds scripted, noisy drawer-open episodes). Add walker-stand with
-# TASKS="mw-drawer-open walker-stand" (its exploration data holds little standing: results/coverage).
+# Task: mw-drawer-open (primary; the data holds scripted, noisy drawer-open episodes). walker-stand (issue 13's
+# second task) needs exploration data with more time up than the default 20k-step explorer gives
+# (results/coverage: 500k steps get the torso above 1.0 m in a fifth of the steps); run it as its own experiment,
+# with its own EXP and RESULTS so that the two reports stay apart:
+#   EXP=~/experiments/evidence-walker RESULTS=results/evidence-walker TASKS=walker-stand EXPLORER_STEPS=500000 \
+#     bash results/evidence/run.sh
+# (copying ~/experiments/coverage/walker-500k/_explorer/walker-stage*.pt into $EXP/data/_explorer/ first skips
+# retraining the walker explorer: same seed, same steps, same snapshots.)
 #
 # Data (the same as results/learner/run_gsa.sh, so ~/experiments/gsa/data can be copied in to skip collection):
 # walker and cheetah exploration episodes (60 each) and 20 scripted noisy episodes of each of 10 Meta-World
@@ -30,7 +36,7 @@
 #   PARTIAL=1 bash results/evidence/run.sh          # while (or after) runs are going: report on the runs so far and
 #                                                   # copy their small files here, starting nothing
 # At the end it copies each run's small files (args.json, metrics/train/episodes .jsonl, retrieval.json) into
-# results/evidence/runs/<run>/ and the report into results/evidence/report/, for committing.
+# $RESULTS/runs/<run>/ and the report into $RESULTS/report/ (RESULTS: results/evidence), for committing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -42,6 +48,8 @@ SEEDS=${SEEDS:-0 1 2}
 FRAMES=${FRAMES:-50000}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-6000}
 K=${K:-20}
+EXPLORER_STEPS=${EXPLORER_STEPS:-20000}  # agent steps of each DMControl exploration agent (collect_offline.py)
+RESULTS=${RESULTS:-results/evidence}     # where the small run files and the report are copied, for committing
 WORKERS=${WORKERS:-2}
 RUN_ARGS=${RUN_ARGS:-}           # more finetune_gsa.py flags for every run (the learner's settings)
 DRY_RUN=${DRY_RUN:-0}
@@ -50,7 +58,7 @@ say() { echo "[evidence $(date +%T)] $*"; }
 run() { if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 
 copy_small_files() {  # each run's small files -> results/evidence/runs/<run>/, the report -> results/evidence/report/
-    local here=results/evidence run_dir name f
+    local here=$RESULTS run_dir name f
     for run_dir in "$EXP"/runs/*/; do
         name=$(basename "$run_dir"); mkdir -p "$here/runs/$name"
         for f in args.json metrics.jsonl train.jsonl episodes.jsonl retrieval.json bc.json; do
@@ -65,14 +73,14 @@ if [ "$PARTIAL" = 1 ]; then  # runs with at least one evaluation; unfinished one
     run $PY report.py --runs "${done_runs[@]}" --out-dir "$EXP/report" --paper-reference
     [ "$DRY_RUN" = 1 ] && exit 0
     copy_small_files
-    say "partial report: $EXP/report/report.md (copied to results/evidence/report)"
+    say "partial report: $EXP/report/report.md (copied to $RESULTS/report)"
     exit 0
 fi
 mkdir -p "$EXP"
 if [ ! -f "$EXP/index/index.faiss" ] || [ ! -f "$EXP/pretrain/.done-$PRETRAIN_STEPS" ]; then
     say "collect -> $EXP/data (skips the episodes already there)"
     run $PY collect_offline.py --out-dir "$EXP/data" --embodiments walker,cheetah,sawyer \
-        --episodes-per-embodiment 60 --mw-episodes-per-task 20 --explorer-steps 20000 --seed 0 --num-workers 2 \
+        --episodes-per-embodiment 60 --mw-episodes-per-task 20 --explorer-steps "$EXPLORER_STEPS" --seed 0 --num-workers 2 \
         --mw-tasks reach,drawer-open,drawer-close,button-press,door-open,window-open,push,plate-slide,faucet-open,handle-press
     say "pre-train -> $EXP/pretrain ($PRETRAIN_STEPS updates, 2 threads)"
     resume=""; [ -f "$EXP/pretrain/wm.pt" ] && resume="--resume"
@@ -92,4 +100,4 @@ run $PY sweep.py --out-dir "$EXP" --tasks $TASKS --variants $VARIANTS --seeds $S
     --report-args="--paper-reference" $dry
 [ "$DRY_RUN" = 1 ] && exit 0
 copy_small_files
-say "done: $EXP/report/report.md (copied to results/evidence/report, small run files to results/evidence/runs)"
+say "done: $EXP/report/report.md (copied to $RESULTS/report, small run files to $RESULTS/runs)"
