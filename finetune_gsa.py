@@ -1535,14 +1535,13 @@ def load_init_run(args: Args, size: str, cfg: "ModelConfig", wm_sha: Optional[st
              + ", ".join(f"{k}: earlier run {got.get(k)} vs {want.get(k)}" for k in sorted(set(got) | set(want))
                          if got.get(k) != want.get(k)))
     then_sha = init.get("wm_sha256")
-    if args.no_pretrain:
-        pass  # no pre-trained checkpoint on either side
-    elif then_sha is None:
-        print(f"[finetune] note: {path} does not record its pre-trained checkpoint; assuming {args.checkpoint}")
-    elif then_sha != wm_sha:
-        fail(f"--init-from {init_dir} fine-tuned another pre-trained checkpoint (sha256 {then_sha[:16]}...) than "
-             f"--checkpoint {args.checkpoint} ({wm_sha[:16]}...), whose index retrieval uses; pass the checkpoint "
-             f"the earlier run started from")
+    if not args.no_pretrain:  # (from scratch, neither run has a pre-trained checkpoint to compare)
+        if then_sha is None:
+            print(f"[finetune] note: {path} does not record its pre-trained checkpoint; assuming {args.checkpoint}")
+        elif then_sha != wm_sha:
+            fail(f"--init-from {init_dir} fine-tuned another pre-trained checkpoint (sha256 {then_sha[:16]}...) "
+                 f"than --checkpoint {args.checkpoint} ({wm_sha[:16]}...), whose index retrieval uses; pass the "
+                 f"checkpoint the earlier run started from")
     episodes = int(init["counters"].get("episodes", 0))
     if init["counters"].get("env_frames", 0) < (init.get("args") or {}).get("env_steps", 0):
         print(f"[finetune] note: --init-from {init_dir} stopped at {init['counters'].get('env_frames')} of its "

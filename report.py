@@ -73,7 +73,7 @@ import io
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -97,6 +97,9 @@ class Args:
     """score of a run = mean of its last N evaluations (1: the final evaluation, as the paper)"""
     max_env_steps: Optional[int] = None
     """ignore evaluations after this many env frames (e.g. 150000 to compare at the paper's budget)"""
+    common_budget: bool = False
+    """compare unfinished runs at one budget: ignore evaluations after the smallest final evaluation among the runs
+    (with --max-env-steps, the smaller of the two); without it, runs that end at different budgets are flagged"""
     success_key: Literal["eval_success", "eval_success_any"] = "eval_success"
     """Meta-World success measure: at the episode end (comparable with the paper) or at any step"""
     bootstrap: int = 2000
@@ -1197,6 +1200,11 @@ def main(args: Args) -> None:
     if args.last_n < 1 or args.bootstrap < 1 or args.grid_points < 2:
         fail("--last-n and --bootstrap must be >= 1, --grid-points >= 2")
     runs = [read_run(r, args) for r in find_runs(args.runs)]
+    if args.common_budget:  # every run's evaluations up to the budget all of them reached
+        budget = int(min(r["steps"][-1] for r in runs))
+        if args.max_env_steps is None or budget < args.max_env_steps:
+            args = replace(args, max_env_steps=budget)
+            runs = [read_run(Path(r["dir"]), args) for r in runs]
     groups = group_runs(runs)
     variants = sorted(groups, key=lambda v: (VARIANTS.index(v) if v in VARIANTS else len(VARIANTS), v))
     tasks = sorted({r["task"] for r in runs}, key=lambda t: (is_metaworld(t), t))
@@ -1209,8 +1217,16 @@ def main(args: Args) -> None:
     lines = [f"# Fine-tuning report ({len(runs)} runs)", "",
              f"Scores: DMControl return / 10, Meta-World success ({args.success_key}) x 100; score of a run = "
              f"mean of its last {args.last_n} evaluation(s)"
-             + (f" at or before {args.max_env_steps} env steps" if args.max_env_steps else "") + ".", "",
-             "## Per task: mean score over seeds (seeds)", ""]
+             + (f" at or before {args.max_env_steps} env steps" if args.max_env_steps else "")
+             + (" (--common-budget: the smallest final evaluation among the runs)" if args.common_budget else "")
+             + ".", ""]
+    for task in tasks:  # scores of runs stopped at different budgets do not compare
+        ends = sorted({int(r["steps"][-1]) for r in runs if r["task"] == task})
+        if len(ends) > 1:
+            lines += [f"**Warning: the runs of {task} end at different budgets ({ends[0]} to {ends[-1]} env frames), "
+                      "so its scores, aggregates and differences below compare unequal budgets; --common-budget "
+                      "compares them at one.**", ""]
+    lines += ["## Per task: mean score over seeds (seeds)", ""]
     header = ["task"] + [LABELS.get(v, v) for v in variants]
     if args.paper_reference:
         header += ["paper GSA @150k", "paper DreamerV3 @150k"]

@@ -426,3 +426,30 @@ def test_training_logs_and_seed_mean(tmp_path):
     assert report.seed_mean([(np.array([0.0, 1.0]), np.zeros(2)), (np.array([2.0, 3.0]), np.zeros(2))])[0].size == 0
     np.testing.assert_array_equal(report.filmstrip_steps(501), [0, 56, 111, 167, 222, 278, 333, 389, 444, 500])
     np.testing.assert_array_equal(report.filmstrip_steps(4), [0, 1, 2, 3])
+
+
+def test_runs_of_unequal_budgets_are_flagged_or_compared_at_one(tmp_path):
+    """Unfinished runs: report.md warns when a task's runs end at different budgets; --common-budget cuts every run
+    at the smallest final evaluation, so the scores compare like with like."""
+    runs = [make_run(tmp_path, "gsa-s0", "mw-drawer-open", 0, [0.0, 0.5, 1.0, 1.0, 1.0]),  # to 50k frames
+            make_run(tmp_path, "gsa-s1", "mw-drawer-open", 1, [0.0, 0.2]),  # stopped at 20k
+            make_run(tmp_path, "scratch-s0", "mw-drawer-open", 0, [0.0, 0.1, 0.1, 0.3, 0.3],
+                     flags={"no_pretrain": True})]
+
+    def scores(out):
+        data = json.loads((out / "scores.json").read_text())
+        return {Path(r["dir"]).name: (r["score"], r["final_env_steps"]) for r in data["runs"]}
+
+    report.main(args_for(runs, tmp_path / "mixed"))
+    assert "end at different budgets (20000 to 50000 env frames)" in (tmp_path / "mixed/report.md").read_text()
+    assert scores(tmp_path / "mixed") == {"gsa-s0": (100.0, 50000), "gsa-s1": (20.0, 20000),
+                                          "scratch-s0": (30.0, 50000)}
+
+    report.main(args_for(runs, tmp_path / "common", common_budget=True))
+    text = (tmp_path / "common/report.md").read_text()
+    assert "different budgets" not in text and "at or before 20000 env steps (--common-budget" in text
+    assert scores(tmp_path / "common") == {"gsa-s0": (50.0, 20000), "gsa-s1": (20.0, 20000),
+                                           "scratch-s0": (10.0, 20000)}
+    # --max-env-steps below the common budget wins
+    report.main(args_for(runs, tmp_path / "both", common_budget=True, max_env_steps=10000))
+    assert {s for _, s in scores(tmp_path / "both").values()} == {10000}

@@ -34,7 +34,10 @@
 #   DRY_RUN=1 bash results/evidence/run.sh         # print the commands and each run's state, run nothing
 #   RUN_ARGS="--precision fp32" bash results/evidence/run.sh     # a learner setting for all runs
 #   PARTIAL=1 bash results/evidence/run.sh          # while (or after) runs are going: report on the runs so far and
-#                                                   # copy their small files here, starting nothing
+#                                                   # copy their small files here, starting nothing; the report
+#                                                   # compares every run at the budget all of them have reached
+#                                                   # (report.py --common-budget; COMMON_BUDGET=0: each run's latest
+#                                                   # evaluation, unequal budgets flagged)
 # At the end it copies each run's small files (args.json, metrics/train/episodes .jsonl, retrieval.json) into
 # $RESULTS/runs/<run>/ and the report into $RESULTS/report/ (RESULTS: results/evidence), for committing.
 set -euo pipefail
@@ -54,6 +57,7 @@ WORKERS=${WORKERS:-2}
 RUN_ARGS=${RUN_ARGS:-}           # more finetune_gsa.py flags for every run (the learner's settings)
 DRY_RUN=${DRY_RUN:-0}
 PARTIAL=${PARTIAL:-0}
+COMMON_BUDGET=${COMMON_BUDGET:-1}
 say() { echo "[evidence $(date +%T)] $*"; }
 run() { if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 
@@ -67,10 +71,11 @@ copy_small_files() {  # each run's small files -> results/evidence/runs/<run>/, 
     done
     rm -rf "$here/report" && cp -r "$EXP/report" "$here/report"
 }
-if [ "$PARTIAL" = 1 ]; then  # runs with at least one evaluation; unfinished ones report their latest
+if [ "$PARTIAL" = 1 ]; then  # runs with at least one evaluation, at the budget all of them reached
     mapfile -t done_runs < <(for d in "$EXP"/runs/*/; do [ -s "$d/metrics.jsonl" ] && echo "$d"; done)
     [ ${#done_runs[@]} -gt 0 ] || { say "no run has evaluated yet"; exit 1; }
-    run $PY report.py --runs "${done_runs[@]}" --out-dir "$EXP/report" --paper-reference
+    common=(); [ "$COMMON_BUDGET" = 1 ] && common=(--common-budget)
+    run $PY report.py --runs "${done_runs[@]}" --out-dir "$EXP/report" --paper-reference "${common[@]}"
     [ "$DRY_RUN" = 1 ] && exit 0
     copy_small_files
     say "partial report: $EXP/report/report.md (copied to $RESULTS/report)"
